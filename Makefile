@@ -1,0 +1,32 @@
+# Two commands do everything: `make demo` and `make test` (each creates/updates .venv first).
+# TORCH pins the CPU wheel that installs from local disk here; GPU users: `make demo TORCH=torch`.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test bench clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+# fetch the demo corpus, train a WordPiece vocab, pretrain configs/tiny.yaml, export, and load the export back
+# through transformers in a fresh process (top predictions + held-out MLM loss/accuracy before vs after)
+demo: venv
+	$(PY) scripts/pretrain.py configs/tiny.yaml
+	$(PY) scripts/demo_check.py runs/tiny
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) scripts/benchmark.py
+
+clean-demo:
+	rm -rf runs/tiny

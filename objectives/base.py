@@ -1,0 +1,160 @@
+"""The Objective protocol shared by MLM, SpanBERT and ELECTRA.
+
+An objective is a plain ``nn.Module`` that knows nothing about processes or devices:
+
+* ``collate(examples) -> batch`` runs on the CPU in DataLoader workers and does all the masking. Each example may
+  carry an ``"index"`` (its global position in the data stream); its masking is then drawn from a generator seeded
+  by ``(seed, index)`` so a batch is identical whatever the number of workers or processes.
+* ``build_model(model_config)`` creates the stock ``transformers`` model(s) that are trained and exported, and the
+  objective's own heads (e.g. the SBO head) as attributes of the objective.
+* ``forward(model, batch, normalizers=None) -> dict`` returns ``loss`` (for backward) plus detached per-part means
+  and counts. Losses are sums divided by a normaliser: by default the batch's own count (a mean), or, from the
+  trainer, the count summed over the whole accumulation window and all processes, so the gradient equals the one of
+  the big batch (token-exact).
+* ``counts(batch)`` gives those counts from the collated batch alone, without a forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, global sample index): the same sample always gets the same masking."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index) & 0xFFFFFFFFFFFF]).generate_state(2)
+    gen = torch.Generator()
+    gen.manual_seed(int(state[0]) << 31 ^ int(state[1]))
+    return gen
+
+
+def build_options(cls, options: Mapping[str, Any], where: str):
+    """Instantiate the dataclass ``cls`` from ``options``; an unknown key names the closest valid one."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in options:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ValueError(f"unknown option '{key}' for {where}{hint}")
+    return cls(**options)
+
+
+class Objective(nn.Module):
+    """Base class: tokenizer bookkeeping, padding/stacking and token-exact loss reduction."""
+
+    name: str = "objective"
+    #: part name -> (count key, weight); ``loss`` = sum_p weight_p * sum_p / normaliser[count key]
+    loss_parts: dict[str, tuple[str, float]] = {}
+    #: logged metric -> count key it is averaged over (the trainer weights means by these counts)
+    metric_counts: dict[str, str] = {}
+
+    def __init__(self, tokenizer, seed: int = 0):
+        super().__init__()
+        self.vocab_size = len(tokenizer)
+        self.pad_id = tokenizer.pad_token_id
+        self.mask_id = tokenizer.mask_token_id
+        self.cls_id = tokenizer.cls_token_id
+        self.sep_id = tokenizer.sep_token_id
+        if None in (self.pad_id, self.mask_id, self.cls_id, self.sep_id):
+            raise ValueError("the tokenizer needs [PAD], [MASK], [CLS] and [SEP] tokens (a BERT-style WordPiece vocab)")
+        self.seed = seed
+        special = torch.zeros(self.vocab_size, dtype=torch.bool)
+        special[list(tokenizer.all_special_ids)] = True
+        self.register_buffer("special_token_mask", special, persistent=False)
+        #: ids a "random token" replacement draws from (uniform over the non-special vocabulary)
+        self.register_buffer("random_token_ids", torch.nonzero(~special).squeeze(1), persistent=False)
+        self._fallback_gen = torch.Generator().manual_seed(seed)
+
+    # ---------------------------------------------------------------- collation helpers
+    def _generator(self, example: Mapping[str, Any]) -> torch.Generator:
+        if "index" in example and example["index"] is not None:
+            return sample_generator(self.seed, int(example["index"]))
+        return self._fallback_gen
+
+    @staticmethod
+    def _word_ids(example: Mapping[str, Any], length: int) -> torch.Tensor:
+        """Word index per token as a LongTensor, -1 for special tokens (``None`` in HF's ``word_ids()``)."""
+        words = example.get("word_ids")
+        if words is None:
+            return torch.full((length,), -1, dtype=torch.long)
+        if isinstance(words, torch.Tensor):
+            return words.long()
+        return torch.tensor([-1 if w is None else int(w) for w in words], dtype=torch.long)
+
+    def candidate_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """True where a token may be selected for prediction: never [CLS]/[SEP]/[PAD]/[MASK]/[UNK]..."""
+        return ~self.special_token_mask[ids]
+
+    def random_tokens(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        pick = torch.randint(len(self.random_token_ids), (n,), generator=gen)
+        return self.random_token_ids[pick]
+
+    def pad_and_stack(self, rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Right-pad per-example 1-D tensors to the longest example; adds ``attention_mask``."""
+        length = max(len(r["input_ids"]) for r in rows)
+        fill = {"input_ids": self.pad_id, "labels": IGNORE_INDEX, "word_ids": -1}
+        batch: dict[str, torch.Tensor] = {}
+        for key in rows[0]:
+            if rows[0][key].dim() != 1 or len(rows[0][key]) != len(rows[0]["input_ids"]):
+                continue
+            out = torch.full((len(rows), length), fill.get(key, 0), dtype=rows[0][key].dtype)
+            for i, r in enumerate(rows):
+                out[i, : len(r[key])] = r[key]
+            batch[key] = out
+        batch["attention_mask"] = (
+            torch.arange(length)[None, :] < torch.tensor([len(r["input_ids"]) for r in rows])[:, None]
+        ).long()
+        return batch
+
+    # ---------------------------------------------------------------- loss helpers
+    def counts(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Normaliser counts of this batch, from the collated tensors alone (no forward pass)."""
+        raise NotImplementedError
+
+    def reduce(
+        self,
+        sums: dict[str, torch.Tensor],
+        counts: dict[str, torch.Tensor],
+        normalizers: Mapping[str, torch.Tensor] | None,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Combine per-part loss sums into ``loss`` and detached per-part means.
+
+        sums: part -> summed loss over this batch; counts: count key -> count in this batch;
+        normalizers: count key -> count over the accumulation window and all processes (default: ``counts``).
+        """
+        norm = counts if normalizers is None else normalizers
+        loss = None
+        out: dict[str, torch.Tensor] = {}
+        for part, (key, weight) in self.loss_parts.items():
+            term = weight * sums[part] / norm[key].clamp(min=1).to(sums[part].device)
+            loss = term if loss is None else loss + term
+            out[part] = (sums[part] / counts[key].clamp(min=1).to(sums[part].device)).detach()
+        out["loss"] = loss
+        for key, value in counts.items():
+            out[key] = value
+        for key, value in (extra or {}).items():
+            out[key] = value.detach()
+        return out
+
+    @staticmethod
+    def masked_lm_sums(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy (in fp32) and number of correct argmax predictions; logits [M, V], targets [M]."""
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        correct = (logits.detach().argmax(-1) == targets).sum()
+        return loss, correct
+
+    # ---------------------------------------------------------------- model / export
+    def build_model(self, model_config) -> nn.Module:
+        raise NotImplementedError
+
+    def export(self, model: nn.Module, out_dir, tokenizer) -> None:
+        raise NotImplementedError

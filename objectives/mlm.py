@@ -1,0 +1,162 @@
+"""Masked language modelling as in BERT (Devlin et al., 2019, §3.1 and appendix A.1).
+
+Selection: each non-special token independently with probability ``mask_ratio`` (the HF-compatible default), or
+exactly ``round(mask_ratio * n)`` tokens per block (``static_count``: fixed shapes for compiled fast paths), or whole
+words (``whole_word``). Of the selected tokens, ``mask_token_prob`` become [MASK], ``random_token_prob`` a random
+non-special token, the rest stay unchanged. The prediction head is sparse: hidden states are gathered at the
+selected positions before the vocabulary projection, so no [B, L, V] tensor is ever built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .base import IGNORE_INDEX, Objective, build_options
+
+
+@dataclass
+class MLMConfig:
+    mask_ratio: float = 0.15
+    """Fraction of non-special tokens selected for prediction."""
+    mask_token_prob: float = 0.8
+    """Of the selected tokens, fraction replaced by [MASK]."""
+    random_token_prob: float = 0.1
+    """Of the selected tokens, fraction replaced by a uniformly drawn non-special token (the rest are kept)."""
+    whole_word: bool = False
+    """Select whole words (all their WordPiece pieces) instead of single tokens."""
+    static_count: bool = False
+    """Select exactly round(mask_ratio * n) tokens per block instead of independent Bernoulli draws."""
+
+    def __post_init__(self):
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"objective.mlm.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.mask_token_prob < 0 or self.random_token_prob < 0 or self.mask_token_prob + self.random_token_prob > 1:
+            raise ValueError(
+                "objective.mlm.mask_token_prob and random_token_prob must be >= 0 and sum to at most 1, got "
+                f"{self.mask_token_prob} + {self.random_token_prob}"
+            )
+
+
+def select_tokens(
+    candidates: torch.Tensor, word_ids: torch.Tensor, cfg: MLMConfig, gen: torch.Generator
+) -> torch.Tensor:
+    """Boolean [L] selection over ``candidates`` ([L] bool) following ``cfg``; word_ids [L] (-1 for specials)."""
+    n = int(candidates.sum())
+    if n == 0:
+        return torch.zeros_like(candidates)
+    if not cfg.whole_word:
+        if cfg.static_count:
+            k = round(cfg.mask_ratio * n)
+            positions = torch.nonzero(candidates).squeeze(1)
+            chosen = positions[torch.randperm(n, generator=gen)[:k]]
+            selected = torch.zeros_like(candidates)
+            selected[chosen] = True
+            return selected
+        return candidates & (torch.rand(candidates.shape, generator=gen) < cfg.mask_ratio)
+    # whole words: word ids of candidate tokens; tokens without a word id count as their own word
+    words = torch.where(word_ids >= 0, word_ids, -(torch.arange(len(word_ids)) + 1))
+    unique_words, token_word = torch.unique(words[candidates], return_inverse=True)
+    if not cfg.static_count:
+        picked = torch.rand(len(unique_words), generator=gen) < cfg.mask_ratio
+        selected = torch.zeros_like(candidates)
+        selected[candidates] = picked[token_word]
+        return selected
+    # static count with whole words: add words in random order while they fit the budget
+    budget = round(cfg.mask_ratio * n)
+    sizes = torch.bincount(token_word, minlength=len(unique_words))
+    picked = torch.zeros(len(unique_words), dtype=torch.bool)
+    total = 0
+    for w in torch.randperm(len(unique_words), generator=gen).tolist():
+        if total + int(sizes[w]) <= budget:
+            picked[w] = True
+            total += int(sizes[w])
+            if total == budget:
+                break
+    selected = torch.zeros_like(candidates)
+    selected[candidates] = picked[token_word]
+    return selected
+
+
+class MLMObjective(Objective):
+    """BERT masked language modelling with a sparse prediction head (model: ``BertForMaskedLM``)."""
+
+    name = "mlm"
+    loss_parts = {"mlm_loss": ("n_masked", 1.0)}
+    metric_counts = {"mlm_loss": "n_masked", "mlm_acc": "n_masked"}
+
+    def __init__(self, tokenizer, seed: int = 0, **options: Any):
+        super().__init__(tokenizer, seed)
+        self.config = build_options(MLMConfig, options, "objective.mlm")
+
+    # ---------------------------------------------------------------- masking (CPU, DataLoader workers)
+    def replace(
+        self, ids: torch.Tensor, selected: torch.Tensor, gen: torch.Generator, groups: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Apply the [MASK] / random / keep replacement to ``selected`` positions of ``ids`` ([L]).
+
+        With ``groups`` ([L] long, one id per span), the decision is drawn once per group (SpanBERT)."""
+        out = ids.clone()
+        positions = torch.nonzero(selected).squeeze(1)
+        if len(positions) == 0:
+            return out
+        if groups is None:
+            u = torch.rand(len(positions), generator=gen)
+        else:
+            g = groups[positions]
+            uniq, inverse = torch.unique(g, return_inverse=True)
+            u = torch.rand(len(uniq), generator=gen)[inverse]
+        cfg = self.config
+        to_mask = u < cfg.mask_token_prob
+        to_random = (u >= cfg.mask_token_prob) & (u < cfg.mask_token_prob + cfg.random_token_prob)
+        out[positions[to_mask]] = self.mask_id
+        n_random = int(to_random.sum())
+        if n_random:
+            out[positions[to_random]] = self.random_tokens(n_random, gen)
+        return out
+
+    def mask_example(self, example: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        ids = torch.as_tensor(example["input_ids"], dtype=torch.long)
+        words = self._word_ids(example, len(ids))
+        gen = self._generator(example)
+        selected = select_tokens(self.candidate_mask(ids), words, self.config, gen)
+        labels = torch.where(selected, ids, torch.full_like(ids, IGNORE_INDEX))
+        return {"input_ids": self.replace(ids, selected, gen), "labels": labels}
+
+    def collate(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """examples: dicts with ``input_ids`` [L], optional ``word_ids`` [L] and ``index``; returns
+        ``input_ids``/``labels``/``attention_mask`` [B, L] (labels: original id where predicted, -100 elsewhere)."""
+        return self.pad_and_stack([self.mask_example(e) for e in examples])
+
+    # ---------------------------------------------------------------- loss
+    def counts(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"n_masked": (batch["labels"] != IGNORE_INDEX).sum()}
+
+    def forward(self, model: nn.Module, batch: Mapping[str, torch.Tensor], normalizers=None) -> dict:
+        """model: ``BertForMaskedLM``. Hidden states [B, L, H] are gathered at the M labelled positions before the
+        prediction head, giving [M, V] logits."""
+        hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+        selected = batch["labels"] != IGNORE_INDEX
+        targets = batch["labels"][selected]
+        logits = model.cls(hidden[selected])
+        loss_sum, correct = self.masked_lm_sums(logits, targets)
+        counts = {"n_masked": selected.sum()}
+        return self.reduce(
+            {"mlm_loss": loss_sum}, counts, normalizers, {"mlm_acc": correct / counts["n_masked"].clamp(min=1)}
+        )
+
+    # ---------------------------------------------------------------- model / export
+    def build_model(self, model_config) -> nn.Module:
+        from transformers import BertForMaskedLM
+
+        from pretrain.model import bert_config
+
+        return BertForMaskedLM(bert_config(model_config, self.vocab_size, self.pad_id))
+
+    def export(self, model: nn.Module, out_dir, tokenizer) -> None:
+        from pretrain.export import save_hf
+
+        save_hf(model, out_dir, tokenizer)

@@ -1,0 +1,382 @@
+"""Typed configuration: a dataclass tree loaded from YAML with dotted command-line overrides.
+
+``load_config("configs/tiny.yaml", ["train.lr=3e-4"])`` returns a validated :class:`Config`. Every problem in a
+file or override (unknown key, with the closest valid key; wrong type; invalid value) is collected and raised once
+as a :class:`ConfigError`. ``save_config`` writes the resolved tree back to YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from objectives.electra import ElectraConfig
+from objectives.mlm import MLMConfig
+from objectives.span import SpanConfig
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems; the message lists each, with the fix."""
+
+
+@dataclass
+class DataConfig:
+    demo: list[str] = field(default_factory=list)
+    """Parts of the offline demo corpus to use (fetched from Debian packages): bible, pydoc, gcide."""
+    files: list[str] = field(default_factory=list)
+    """Local corpus files or globs: .txt (one document per line), .json/.jsonl, .csv, .parquet."""
+    dataset: str | None = None
+    """A `datasets` hub name (read from the local datasets cache when offline)."""
+    dataset_config: str | None = None
+    """Configuration name of the hub dataset."""
+    split: str = "train"
+    """Split of the hub dataset / files to read."""
+    text_column: str = "text"
+    """Column holding the document text."""
+    max_documents: int | None = None
+    """Keep only the first N documents (quick experiments)."""
+    validation_fraction: float = 0.02
+    """Fraction of documents held out for validation (split by document, seeded)."""
+    block_size: int = 128
+    """Tokens per packed block, including [CLS] and the final [SEP]."""
+    cache_dir: str = "~/.cache/encoder-pretrain"
+    """Where the demo corpus, trained tokenizers and packed blocks are cached (keyed by a hash of their inputs)."""
+    num_workers: int = 1
+    """DataLoader worker processes that run the objective's masking (0 = in the training process)."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.block_size < 8:
+            raise ValueError(f"data.block_size must be >= 8, got {self.block_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        unknown = sorted(set(self.demo) - {"bible", "pydoc", "gcide", "wordnet"})
+        if unknown:
+            raise ValueError(f"data.demo has unknown parts {unknown}; choose from bible, pydoc, gcide, wordnet")
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None
+    """An existing tokenizer directory (AutoTokenizer.from_pretrained); null = train a WordPiece vocab on the corpus."""
+    vocab_size: int = 8192
+    """Vocabulary size of a trained WordPiece tokenizer."""
+    lowercase: bool = True
+    """Lowercase (and strip accents) before WordPiece, as bert-base-uncased."""
+    min_frequency: int = 2
+    """Minimum pair frequency for WordPiece merges."""
+
+    def __post_init__(self):
+        if self.vocab_size < 128:
+            raise ValueError(f"tokenizer.vocab_size must be >= 128, got {self.vocab_size}")
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 128
+    """Encoder width H."""
+    num_layers: int = 4
+    """Number of transformer layers."""
+    num_heads: int = 2
+    """Attention heads (hidden_size must be divisible by it)."""
+    intermediate_size: int = 512
+    """Feed-forward width (4 x H in BERT)."""
+    max_position_embeddings: int = 512
+    """Longest sequence the position embeddings cover (data.block_size must not exceed it)."""
+    hidden_dropout: float = 0.1
+    """Dropout on embeddings and sub-layer outputs."""
+    attention_dropout: float = 0.1
+    """Dropout on attention probabilities."""
+    embedding_size: int | None = None
+    """ELECTRA only: embedding width (null = hidden_size); an embedding projection maps it to the hidden size."""
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
+            )
+        if self.num_layers < 1:
+            raise ValueError(f"model.num_layers must be >= 1, got {self.num_layers}")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Literal["mlm", "span", "electra"] = "mlm"
+    """Which objective trains the model."""
+    mlm: MLMConfig = field(default_factory=MLMConfig)
+    span: SpanConfig = field(default_factory=SpanConfig)
+    electra: ElectraConfig = field(default_factory=ElectraConfig)
+
+    def options(self) -> dict[str, Any]:
+        """The chosen objective's options as keyword arguments for ``get_objective``."""
+        return dataclasses.asdict(getattr(self, self.name))
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    """Seeds model init, data order and masking."""
+    micro_batch_size: int = 32
+    """Blocks per process per forward/backward."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warmup: linear to min_lr_ratio x lr, cosine, or constant."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to lr over this many steps."""
+    min_lr_ratio: float = 0.0
+    """Final LR as a fraction of lr (linear and cosine)."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay, applied to matrices only (not to biases or LayerNorm weights)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-6
+    clip_grad_norm: float = 1.0
+    """Max global gradient norm (0 disables clipping)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """fp32, bf16 autocast, or fp16 autocast with dynamic loss scaling."""
+    eval_every: int = 200
+    """Evaluate on the validation split every N steps (0 = only at the end)."""
+    eval_batches: int = 20
+    """Validation micro-batches per evaluation (fixed masks, token-exact means)."""
+    save_every: int = 500
+    """Checkpoint every N steps (and at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept (older complete ones are removed only after a newer one is complete)."""
+    log_every: int = 10
+    """Print/log metrics every N steps (the only host syncs for metrics)."""
+    device: Literal["auto", "cpu"] = "auto"
+    """auto = accelerate's choice (GPU when present); cpu forces the CPU."""
+
+    def __post_init__(self):
+        for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "keep_last", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class DecoupleConfig:
+    mode: Literal["none"] = "none"
+    """Layer decoupling: none (plain backprop). local / synthetic are planned."""
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    """Also write TensorBoard event files to OUTPUT_DIR/tensorboard."""
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, export/."""
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decouple: DecoupleConfig = field(default_factory=DecoupleConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self):
+        if self.data.block_size > self.model.max_position_embeddings:
+            raise ValueError(
+                f"data.block_size ({self.data.block_size}) exceeds model.max_position_embeddings "
+                f"({self.model.max_position_embeddings}); lower the block size or raise the position count"
+            )
+        if not (self.data.demo or self.data.files or self.data.dataset):
+            raise ValueError("no corpus: set data.files (local files), data.dataset (hub name) or data.demo")
+
+
+# --------------------------------------------------------------------------- generic dataclass <-> dict
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; int -> float is the only silent conversion."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except TypeError as e:
+                errors.append(str(e))
+        names = " or ".join(_type_name(a) for a in typing.get_args(tp))
+        raise TypeError(f"{key}: expected {names}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError(f"{key}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        choices = ", ".join(map(str, typing.get_args(tp)))
+        close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise TypeError(f"{key}: {value!r} is not one of {choices}{hint}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"{key}: unsupported annotation {tp}")
+
+
+def _type_name(tp) -> str:
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _build(cls, data: dict, prefix: str, errors: list[str]):
+    """Build dataclass ``cls`` from ``data``, appending every problem found to ``errors``."""
+    if not isinstance(data, dict):
+        errors.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            errors.append(f"unknown key '{prefix}{key}'{hint}")
+            continue
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            sub = _build(tp, value if value is not None else {}, f"{prefix}{key}.", errors)
+            if sub is not None:
+                kwargs[key] = sub
+            continue
+        try:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+        except TypeError as e:
+            errors.append(str(e))
+    if errors:
+        return None
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        errors.append(str(e))
+        return None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["train.lr=3e-4", "data.files=[a.txt,b.txt]"]`` -> [(dotted key, YAML-parsed value)]."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value (e.g. train.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def _fix_yaml_floats(node: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` as a string; turn such strings back into floats."""
+    if isinstance(node, dict):
+        return {k: _fix_yaml_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_yaml_floats(v) for v in node]
+    if isinstance(node, str):
+        try:
+            if any(c in node for c in "eE") and any(c.isdigit() for c in node):
+                return float(node)
+        except ValueError:
+            return node
+    return node
+
+
+def config_from_dict(data: dict) -> Config:
+    errors: list[str] = []
+    cfg = _build(Config, _fix_yaml_floats(data), "", errors)
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or defaults when ``path`` is None) and apply dotted overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    return config_from_dict(data)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+#: keys that may change between a run and its resumption (anything else must match the saved config)
+RESUMABLE_CHANGES = ("train.max_steps", "train.eval_every", "train.save_every", "train.keep_last",
+                     "train.log_every", "train.eval_batches", "data.num_workers", "data.cache_dir", "log.")
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts, ignoring ``RESUMABLE_CHANGES``."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        dotted = prefix + key
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, dotted + ".")
+        elif a != b and not any(dotted == k or (k.endswith(".") and dotted.startswith(k)) for k in RESUMABLE_CHANGES):
+            diffs.append(f"{dotted}: {a!r} -> {b!r}")
+    return diffs

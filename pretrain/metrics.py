@@ -1,0 +1,120 @@
+"""Metrics: token-exact accumulation on the device, metrics.jsonl, TensorBoard and one console progress line."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+#: dense bf16 peak FLOP/s by device-name substring, for MFU (None on unknown devices, e.g. CPUs)
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
+
+
+def train_flops_per_token(n_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
+    """Forward+backward FLOPs per token: 6·N for the weight matmuls plus 12·layers·hidden·seq for attention scores
+    and values (PaLM appendix B). ``n_params`` should exclude the embedding tables."""
+    return 6 * n_params + 12 * num_layers * hidden * seq_len
+
+
+class MetricTracker:
+    """Accumulates an objective's outputs over micro-batches without host syncs.
+
+    Each logged metric m is averaged over its count key c (``objective.metric_counts``): sum(m·c) / sum(c), which is
+    the token-exact mean over the window, never a mean of micro-batch means."""
+
+    def __init__(self, metric_counts: dict[str, str]):
+        self.metric_counts = metric_counts
+        self.reset()
+
+    def reset(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, out: dict[str, torch.Tensor]):
+        for metric, count_key in self.metric_counts.items():
+            if metric not in out or count_key not in out:
+                continue
+            c = out[count_key].detach().float()
+            value = out[metric].detach().float() * c
+            self.sums[metric] = self.sums.get(metric, 0) + value
+            self.counts[metric] = self.counts.get(metric, 0) + c
+        for key, value in out.items():
+            if key.startswith("n_"):
+                self.counts[key] = self.counts.get(key, 0) + value.detach().float()
+
+    def compute(self, reduce=None) -> dict[str, float]:
+        """Means (and raw counts) as Python floats; ``reduce`` sums a tensor across processes (one host sync)."""
+        names = sorted(self.sums)
+        counts = sorted(k for k in self.counts if k.startswith("n_"))
+        if not names and not counts:
+            return {}
+        device = next(iter(self.counts.values())).device
+        flat = torch.stack(
+            [torch.as_tensor(self.sums[m], device=device) for m in names]
+            + [torch.as_tensor(self.counts[m], device=device) for m in names]
+            + [torch.as_tensor(self.counts[k], device=device) for k in counts]
+        )
+        if reduce is not None:
+            flat = reduce(flat)
+        values = flat.tolist()
+        k = len(names)
+        result = {m: values[i] / max(values[k + i], 1.0) for i, m in enumerate(names)}
+        result.update({c: values[2 * k + i] for i, c in enumerate(counts)})
+        return result
+
+
+class MetricsLogger:
+    """Writes one JSON object per log step to ``metrics.jsonl`` (appending: a resumed run continues the file),
+    mirrors scalars to TensorBoard when enabled, and prints one progress line. Only the main process writes."""
+
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, max_steps: int):
+        self.enabled = enabled
+        self.max_steps = max_steps
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.writer = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+    def log(self, record: dict, prefix: str = "train"):
+        if not self.enabled:
+            return
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"split": prefix, "time": round(time.time(), 3), **record}) + "\n")
+        if self.writer is not None:
+            step = record.get("step", 0)
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self.writer.add_scalar(f"{prefix}/{key}", value, step)
+            self.writer.flush()
+
+    def progress(self, record: dict, seconds_per_step: float | None):
+        if not self.enabled:
+            return
+        step = record["step"]
+        parts = [f"step {step:>6}/{self.max_steps}"]
+        parts += [f"{k} {record[k]:.4f}" for k in record if k.endswith("_loss") or k == "loss"]
+        parts.append(f"lr {record['lr']:.2e}")
+        if record.get("tok_per_s"):
+            parts.append(f"{record['tok_per_s'] / 1e3:.1f}k tok/s")
+        if record.get("mfu") is not None:
+            parts.append(f"mfu {100 * record['mfu']:.1f}%")
+        if record.get("data_wait") is not None:
+            parts.append(f"data {100 * record['data_wait']:.0f}%")
+        if seconds_per_step:
+            eta = seconds_per_step * (self.max_steps - step)
+            parts.append(f"eta {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+        print(" | ".join(parts), flush=True)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,259 @@
+"""The training loop: one explicit function, ``fit(cfg)``, on top of accelerate.
+
+Per optimizer step: set the LR (a function of the step) → fetch the step's micro-batches → sum their target counts
+over the window and all processes → forward/backward each micro-batch with losses normalised by those global
+counts (so the gradient equals the big batch's) → clip → finite check → step → log / evaluate / checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from objectives import get_objective
+
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, config_differences, config_to_dict, save_config
+from .data.stream import StreamBatchSampler, StreamDataset, to_device
+from .export import unwrap
+from .metrics import MetricsLogger, MetricTracker, peak_flops, train_flops_per_token
+from .schedules import lr_for
+
+#: stream positions of validation examples start here, so their masking seeds never collide with training ones
+VALIDATION_INDEX_OFFSET = 1 << 40
+
+
+class RunDirError(RuntimeError):
+    """The output directory holds a different run."""
+
+
+class PretrainModule(nn.Module):
+    """Holds the trained model(s) and the objective (with its own heads) so one optimizer, one DDP wrapper and one
+    checkpoint cover both. ``forward(batch, normalizers)`` is the objective's loss dict."""
+
+    def __init__(self, model: nn.Module, objective: nn.Module):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch, normalizers=None):
+        return self.objective(self.model, batch, normalizers)
+
+
+def build_optimizer(module: nn.Module, train_cfg, device_type: str) -> torch.optim.AdamW:
+    """AdamW with decoupled weight decay on matrices only (p.dim() >= 2): never on biases or LayerNorm weights."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups, lr=train_cfg.lr, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2), eps=train_cfg.adam_eps,
+        fused=device_type == "cuda" or None,
+    )
+
+
+def prepare_run_dir(cfg: Config, overwrite: bool, is_main: bool) -> Path:
+    """Create the output dir, refusing one that holds a run with a different config. ``overwrite`` moves the old
+    run aside to ``OUTPUT_DIR.bak-<time>`` (nothing is deleted) and starts afresh."""
+    out = Path(cfg.output_dir)
+    saved = out / "config.yaml"
+    if saved.is_file():
+        import yaml
+
+        old = yaml.safe_load(saved.read_text()) or {}
+        diffs = config_differences(old, config_to_dict(cfg))
+        if diffs and not overwrite:
+            raise RunDirError(
+                f"{out} holds a run with a different config:\n  " + "\n  ".join(diffs)
+                + "\nuse a new output_dir, or pass --overwrite to move the old run aside"
+            )
+        if diffs and is_main:
+            backup = out.with_name(f"{out.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.move(str(out), str(backup))
+            print(f"moved the previous run to {backup}", flush=True)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, saved)
+    return out
+
+
+def make_loader(dataset, collate, micro_batch_size, world, rank, start, stop, num_workers):
+    sampler = StreamBatchSampler(micro_batch_size, world, rank, start=start, stop=stop)
+    return DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+        persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+@torch.no_grad()
+def evaluate(module, collator, val_blocks, cfg: Config, accelerator) -> dict[str, float]:
+    """Token-exact validation metrics over a fixed set of validation blocks with fixed masks."""
+    b, world = cfg.train.micro_batch_size, accelerator.num_processes
+    n_batches = max(1, min(cfg.train.eval_batches, len(val_blocks) // (b * world)))
+    dataset = StreamDataset(val_blocks, cfg.train.seed, shuffle=False, index_offset=VALIDATION_INDEX_OFFSET)
+    loader = make_loader(dataset, collator.collate, b, world, accelerator.process_index, 0, n_batches, 0)
+    tracker = MetricTracker(collator.metric_counts)
+    module.eval()
+    for batch in loader:
+        with accelerator.autocast():
+            tracker.add(module(to_device(batch, accelerator.device)))
+    module.train()
+    return tracker.compute(reduce=lambda t: accelerator.reduce(t, "sum"))
+
+
+def accumulate_gradients(module, collator, micro_batches: list[dict], accelerator) -> list[dict]:
+    """Forward/backward every micro-batch of one optimizer step; returns their output dicts.
+
+    Token-exact: each loss part is normalised by its target count summed over the whole window and all processes.
+    DDP averages gradients over processes, so the normalisers are divided by the world size: the resulting gradient
+    is sum(losses) / global count, exactly the gradient of one big batch."""
+    counts: dict[str, torch.Tensor] = {}
+    for b in micro_batches:
+        for key, value in collator.counts(b).items():
+            counts[key] = counts.get(key, 0) + value.float()
+    names = sorted(counts)
+    totals = torch.stack([counts[k] for k in names]).to(accelerator.device)
+    world = accelerator.num_processes
+    if world > 1:
+        totals = accelerator.reduce(totals, "sum")
+    normalizers = {k: totals[i] / world for i, k in enumerate(names)}
+    outs = []
+    for i, batch in enumerate(micro_batches):
+        sync = i == len(micro_batches) - 1
+        with (nullcontext() if sync else accelerator.no_sync(module)), accelerator.autocast():
+            out = module(to_device(batch, accelerator.device), normalizers)
+        accelerator.backward(out["loss"])
+        outs.append(out)
+    return outs
+
+
+def fit(cfg: Config, overwrite: bool = False) -> dict:
+    """Train ``cfg`` to ``cfg.train.max_steps``, resuming from the newest checkpoint in ``cfg.output_dir``, then
+    export. Returns the final validation metrics."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .data import prepare_blocks
+
+    t = cfg.train
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision]
+    accelerator = Accelerator(mixed_precision=precision, cpu=t.device == "cpu")
+    out = prepare_run_dir(cfg, overwrite, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    set_seed(t.seed)
+
+    with accelerator.main_process_first():
+        data = prepare_blocks(cfg)
+    tokenizer = data.tokenizer
+    objective = get_objective(cfg.objective.name, tokenizer, seed=t.seed, **cfg.objective.options())
+    if hasattr(objective, "set_unigram_counts"):
+        objective.set_unigram_counts(data.unigram_counts)
+    model = objective.build_model(cfg.model)
+    embedding_rows = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else None
+    if embedding_rows is not None and embedding_rows != len(tokenizer):
+        raise ValueError(f"the model has {embedding_rows} embedding rows but the tokenizer {len(tokenizer)} tokens")
+    collator = copy.deepcopy(objective)  # a CPU copy for DataLoader workers; the trained one moves to the device
+    module = PretrainModule(model, objective)
+    optimizer = build_optimizer(module, t, accelerator.device.type)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(str(out / "tokenizer"))
+
+    state = {"step": 0, "tokens": 0}
+    ckpt_root = out / "checkpoints"
+    resume = latest_checkpoint(ckpt_root)
+    if resume is not None:
+        state = load_checkpoint(accelerator, resume)
+        accelerator.print(f"resumed from {resume} (step {state['step']})")
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    tokens_per_step = t.grad_accum * world * t.micro_batch_size * cfg.data.block_size
+    train_stream = StreamDataset(data.train, t.seed)
+    loader = make_loader(train_stream, collator.collate, t.micro_batch_size, world, rank,
+                         start=state["step"] * t.grad_accum, stop=None, num_workers=cfg.data.num_workers)
+    batches = iter(loader)
+    raw = unwrap(module)
+    n_params = sum(p.numel() for n, p in raw.model.named_parameters() if "embeddings" not in n)
+    flops_per_step = tokens_per_step * train_flops_per_token(n_params, cfg.model.num_layers, cfg.model.hidden_size,
+                                                             cfg.data.block_size)
+    peak = peak_flops(torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu")
+    logger = MetricsLogger(out, accelerator.is_main_process, cfg.log.tensorboard, t.max_steps)
+    logger.log({"event": "resume" if resume else "start", "step": state["step"], "world_size": world,
+                "config": config_to_dict(cfg)}, prefix="run")
+    tracker = MetricTracker(objective.metric_counts)
+    reduce_sum = (lambda x: accelerator.reduce(x, "sum")) if world > 1 else None
+
+    if state["step"] == 0 and t.eval_every:
+        logger.log({"step": 0, **evaluate(module, collator, data.validation, cfg, accelerator)}, prefix="eval")
+    module.train()
+    step, window_start, data_wait, skipped = state["step"], time.perf_counter(), 0.0, 0
+    while step < t.max_steps:
+        lr = lr_for(t, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        fetch_start = time.perf_counter()
+        micro = [next(batches) for _ in range(t.grad_accum)]
+        data_wait += time.perf_counter() - fetch_start
+        for out_dict in accumulate_gradients(module, collator, micro, accelerator):
+            tracker.add(out_dict)
+
+        if t.clip_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(module.parameters(), t.clip_grad_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in module.parameters() if p.grad is not None]))
+        # never step on a NaN/Inf (fp16 leaves that to the grad scaler, which must also see the overflow);
+        # gradients are already all-reduced, so every process takes the same decision
+        if t.precision != "fp16" and not torch.isfinite(grad_norm):
+            skipped += 1
+            accelerator.print(f"step {step + 1}: non-finite gradient norm, skipping the update")
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        state.update(step=step, tokens=state["tokens"] + tokens_per_step)
+        tracker.add({"n_steps": torch.ones((), device=accelerator.device)})
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            metrics = tracker.compute(reduce=reduce_sum)
+            tracker.reset()
+            elapsed = time.perf_counter() - window_start
+            steps_in_window = metrics.pop("n_steps", 1.0) / world
+            tok_per_s = tokens_per_step * steps_in_window / elapsed
+            record = {"step": step, "lr": lr, "tokens": state["tokens"], "tok_per_s": tok_per_s,
+                      "grad_norm": float(grad_norm), "skipped_steps": skipped,
+                      "mfu": flops_per_step * steps_in_window / elapsed / (peak * world) if peak else None,
+                      "data_wait": data_wait / elapsed, **metrics}
+            record["loss"] = sum(w * record.get(p, 0.0) for p, (_, w) in objective.loss_parts.items())
+            logger.log(record)
+            logger.progress(record, elapsed / steps_in_window)
+            window_start, data_wait = time.perf_counter(), 0.0
+
+        if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
+            logger.log({"step": step, **evaluate(module, collator, data.validation, cfg, accelerator)}, prefix="eval")
+        if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
+            save_checkpoint(accelerator, ckpt_root, step, dict(state, config=config_to_dict(cfg)), t.keep_last)
+
+    final = evaluate(module, collator, data.validation, cfg, accelerator)
+    logger.log({"step": step, **final}, prefix="eval")
+    accelerator.print("final validation: " + json.dumps({k: round(v, 4) for k, v in final.items()}))
+    if accelerator.is_main_process:
+        export_dir = out / "export"
+        objective.export(unwrap(module).model, export_dir, tokenizer)
+        save_config(cfg, export_dir / "pretrain_config.yaml")
+        accelerator.print(f"exported to {export_dir}")
+    logger.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+__all__ = ["fit", "evaluate", "accumulate_gradients", "build_optimizer", "PretrainModule", "RunDirError", "CheckpointError"]

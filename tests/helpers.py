@@ -1,0 +1,66 @@
+"""Small builders shared by tests: a WordPiece tokenizer trained in-process and random packed blocks."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+WORDS = ("the quick brown fox jumps over lazy dog while seven wizards quietly box jovial nymphs under "
+         "bright stars and distant mountains river valley encoder pretraining objective language model "
+         "masked span boundary generator discriminator gradient chunk layer").split()
+
+
+def toy_corpus(n_docs: int = 200, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) + (rng.choice(["", "s", "ing", "ed"]) if rng.random() < 0.3 else "")
+                     for _ in range(rng.randint(20, 60))) for _ in range(n_docs)]
+
+
+def make_tokenizer():
+    """A BertTokenizerFast over a fixed WordPiece vocabulary (deterministic: every process builds the same one)."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    pieces = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase)
+              + ["##" + c for c in string.ascii_lowercase] + sorted(set(WORDS)) + ["##s", "##ing", "##ed", "."])
+    tok = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]")
+
+
+def packed_examples(tokenizer, n: int, length: int = 64, seed: int = 0) -> list[dict]:
+    """``n`` packed blocks ``[CLS] … [SEP]`` with block-local word ids (-1 at specials), from the toy corpus."""
+    stream, words = [], []
+    word = 0
+    for doc in toy_corpus(n_docs=4 * n * length // 40 + 10, seed=seed):
+        enc = tokenizer(doc, add_special_tokens=False)
+        stream += enc["input_ids"] + [tokenizer.sep_token_id]
+        words += [word + w for w in enc.word_ids()] + [None]
+        word += max(w for w in enc.word_ids()) + 1
+    examples = []
+    inner = length - 2
+    for i in range(n):
+        ids = stream[i * inner:(i + 1) * inner]
+        wid = words[i * inner:(i + 1) * inner]
+        base = min(w for w in wid if w is not None)
+        examples.append({
+            "input_ids": [tokenizer.cls_token_id] + ids + [tokenizer.sep_token_id],
+            "word_ids": [-1] + [-1 if w is None else w - base for w in wid] + [-1],
+        })
+    return examples
+
+
+def tiny_model_config(**overrides):
+    from pretrain.config import ModelConfig
+
+    base = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=128,
+                hidden_dropout=0.0, attention_dropout=0.0)
+    base.update(overrides)
+    return ModelConfig(**base)
