@@ -95,6 +95,8 @@ class ModelConfig:
     """Dropout on embeddings and sub-layer outputs."""
     attention_dropout: float = 0.1
     """Dropout on attention probabilities."""
+    vocab_size: int | None = None
+    """Expected vocabulary size (null = the tokenizer's); a mismatch with the tokenizer is an error."""
     embedding_size: int | None = None
     """ELECTRA only: embedding width (null = hidden_size); an embedding projection maps it to the hidden size."""
 
@@ -173,8 +175,30 @@ class TrainConfig:
 
 @dataclass
 class DecoupleConfig:
-    mode: Literal["none"] = "none"
-    """Layer decoupling: none (plain backprop). local / synthetic are planned."""
+    mode: Literal["none", "local", "synthetic"] = "none"
+    """none = end-to-end backprop; local = every chunk learns from its own auxiliary loss; synthetic = DNI."""
+    chunks: int = 1
+    """K: number of contiguous chunks the encoder (embeddings + layers) is cut into."""
+    boundaries: str | list[int] = "auto"
+    """auto (balanced by layer count, embeddings on chunk 0) or the K-1 layer indices where chunks 1..K-1 start."""
+    aux_head: Literal["decoder", "layer"] = "decoder"
+    """Local auxiliary head of non-final chunks: MLM decoder only, or 1 extra transformer layer + decoder."""
+    runtime: Literal["auto", "simulated", "distributed"] = "auto"
+    """simulated = all chunks in one process; distributed = one process per chunk (auto: distributed when the
+    launch has exactly K processes, else simulated)."""
+
+    def __post_init__(self):
+        if self.chunks < 1:
+            raise ValueError(f"decouple.chunks must be >= 1, got {self.chunks}")
+        if isinstance(self.boundaries, str) and self.boundaries != "auto":
+            raise ValueError(f"decouple.boundaries must be 'auto' or a list of layer indices, got {self.boundaries!r}")
+        if isinstance(self.boundaries, list):
+            if len(self.boundaries) != self.chunks - 1:
+                raise ValueError(f"decouple.boundaries needs chunks - 1 = {self.chunks - 1} layer indices, "
+                                 f"got {self.boundaries}")
+            if sorted(set(self.boundaries)) != self.boundaries or any(b < 1 for b in self.boundaries):
+                raise ValueError(f"decouple.boundaries must be strictly increasing layer indices >= 1, "
+                                 f"got {self.boundaries}")
 
 
 @dataclass
@@ -201,6 +225,13 @@ class Config:
                 f"data.block_size ({self.data.block_size}) exceeds model.max_position_embeddings "
                 f"({self.model.max_position_embeddings}); lower the block size or raise the position count"
             )
+        d = self.decouple
+        if d.chunks > self.model.num_layers:
+            raise ValueError(f"decouple.chunks ({d.chunks}) exceeds model.num_layers ({self.model.num_layers}): "
+                             "every chunk needs at least one layer")
+        if isinstance(d.boundaries, list) and d.boundaries and d.boundaries[-1] >= self.model.num_layers:
+            raise ValueError(f"decouple.boundaries {d.boundaries} must be < model.num_layers "
+                             f"({self.model.num_layers})")
         if not (self.data.demo or self.data.files or self.data.dataset):
             raise ValueError("no corpus: set data.files (local files), data.dataset (hub name) or data.demo")
 
