@@ -158,3 +158,8 @@ class Objective(nn.Module):
 
     def export(self, model: nn.Module, out_dir, tokenizer) -> None:
         raise NotImplementedError
+
+    def export_targets(self, model: nn.Module, out_dir) -> list[tuple[Any, str, nn.Module]]:
+        """(export directory, ``transformers`` auto class, training module whose logits it must reproduce) for each
+        model ``export`` writes; the trainer loads each in a fresh process and compares logits."""
+        return [(out_dir, "AutoModelForMaskedLM", model)]

@@ -186,10 +186,19 @@ class DecoupleConfig:
     runtime: Literal["auto", "simulated", "distributed"] = "auto"
     """simulated = all chunks in one process; distributed = one process per chunk (auto: distributed when the
     launch has exactly K processes, else simulated)."""
+    freeze_lower: bool = False
+    """local only, the control arm of DESIGN.md §4: chunks 0..K-2 keep their random initialisation (forward only,
+    no updates) and only the last chunk trains, on their frozen features."""
 
     def __post_init__(self):
         if self.chunks < 1:
             raise ValueError(f"decouple.chunks must be >= 1, got {self.chunks}")
+        if self.mode == "none" and self.chunks > 1:
+            raise ValueError(f"decouple.chunks={self.chunks} needs decouple.mode local or synthetic "
+                             "(mode none trains the whole encoder end to end)")
+        if self.freeze_lower and (self.mode != "local" or self.chunks < 2):
+            raise ValueError("decouple.freeze_lower needs decouple.mode=local and decouple.chunks >= 2 "
+                             "(it freezes chunks 0..K-2)")
         if isinstance(self.boundaries, str) and self.boundaries != "auto":
             raise ValueError(f"decouple.boundaries must be 'auto' or a list of layer indices, got {self.boundaries!r}")
         if isinstance(self.boundaries, list):

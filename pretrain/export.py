@@ -72,7 +72,8 @@ model = getattr(transformers, auto_class).from_pretrained(export_dir).eval()
 with torch.no_grad():
     out = model(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"]).logits
 err = (out.float() - ref["logits"].float()).abs().max().item()
-print(json.dumps({"class": type(model).__name__, "tokenizer": type(tok).__name__, "vocab": len(tok), "max_abs_err": err}))
+print(json.dumps({"class": type(model).__name__, "tokenizer": type(tok).__name__, "fast": tok.is_fast,
+                  "vocab": len(tok), "max_abs_err": err}))
 """
 
 

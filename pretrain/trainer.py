@@ -23,7 +23,7 @@ from objectives import get_objective
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, config_differences, config_to_dict, save_config
 from .data.stream import StreamBatchSampler, StreamDataset, to_device
-from .export import unwrap
+from .export import roundtrip_check, unwrap
 from .metrics import MetricsLogger, MetricTracker, peak_flops, train_flops_per_token
 from .schedules import lr_for
 
@@ -86,10 +86,13 @@ def prepare_run_dir(cfg: Config, overwrite: bool, is_main: bool) -> Path:
 
 
 def make_loader(dataset, collate, micro_batch_size, world, rank, start, stop, num_workers):
+    """A DataLoader over this rank's stream positions. Its own generator keeps it from drawing on the global torch
+    RNG (which would shift dropout masks after a resume); masking is seeded per sample, not per worker."""
     sampler = StreamBatchSampler(micro_batch_size, world, rank, start=start, stop=stop)
     return DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
         persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(start),
     )
 
 
@@ -138,6 +141,10 @@ def accumulate_gradients(module, collator, micro_batches: list[dict], accelerato
 def fit(cfg: Config, overwrite: bool = False) -> dict:
     """Train ``cfg`` to ``cfg.train.max_steps``, resuming from the newest checkpoint in ``cfg.output_dir``, then
     export. Returns the final validation metrics."""
+    if cfg.decouple.mode != "none":
+        from .decouple import fit_decoupled
+
+        return fit_decoupled(cfg, overwrite)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -153,13 +160,14 @@ def fit(cfg: Config, overwrite: bool = False) -> dict:
     with accelerator.main_process_first():
         data = prepare_blocks(cfg)
     tokenizer = data.tokenizer
+    tokenizer.model_max_length = cfg.model.max_position_embeddings
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size != len(tokenizer):
+        raise ValueError(f"model.vocab_size is {cfg.model.vocab_size} but the tokenizer has {len(tokenizer)} tokens; "
+                         "set model.vocab_size to null (use the tokenizer's) or point tokenizer.path at the right one")
     objective = get_objective(cfg.objective.name, tokenizer, seed=t.seed, **cfg.objective.options())
     if hasattr(objective, "set_unigram_counts"):
         objective.set_unigram_counts(data.unigram_counts)
     model = objective.build_model(cfg.model)
-    embedding_rows = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else None
-    if embedding_rows is not None and embedding_rows != len(tokenizer):
-        raise ValueError(f"the model has {embedding_rows} embedding rows but the tokenizer {len(tokenizer)} tokens")
     collator = copy.deepcopy(objective)  # a CPU copy for DataLoader workers; the trained one moves to the device
     module = PretrainModule(model, objective)
     optimizer = build_optimizer(module, t, accelerator.device.type)
@@ -247,9 +255,14 @@ def fit(cfg: Config, overwrite: bool = False) -> dict:
     accelerator.print("final validation: " + json.dumps({k: round(v, 4) for k, v in final.items()}))
     if accelerator.is_main_process:
         export_dir = out / "export"
-        objective.export(unwrap(module).model, export_dir, tokenizer)
+        trained = unwrap(module).model
+        objective.export(trained, export_dir, tokenizer)
         save_config(cfg, export_dir / "pretrain_config.yaml")
-        accelerator.print(f"exported to {export_dir}")
+        sample = torch.stack([data.validation[i]["input_ids"] for i in range(min(2, len(data.validation)))])
+        for path, auto_class, reference in objective.export_targets(trained, export_dir):
+            check = roundtrip_check(path, auto_class, reference.float().cpu(), sample)
+            accelerator.print(f"exported {path}: reloaded as {check['class']} in a fresh process, "
+                              f"max |logit difference| {check['max_abs_err']:.2e}")
     logger.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
