@@ -26,6 +26,7 @@ def make_tokenizer():
 
     pieces = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase)
               + ["##" + c for c in string.ascii_lowercase] + sorted(set(WORDS)) + ["##s", "##ing", "##ed", "."])
+    pieces = list(dict.fromkeys(pieces))  # drop duplicates (e.g. "##s") so ids are contiguous
     tok = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
