@@ -26,7 +26,7 @@ def grads_after(objective_name, micro_batches_of_examples):
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("objective_name", ["mlm"])
+@pytest.mark.parametrize("objective_name", ["mlm", "span", "electra"])
 def test_accumulating_4x2_equals_1x8(objective_name):
     tok = make_tokenizer()
     ex = [dict(e, index=i) for i, e in enumerate(packed_examples(tok, 8, length=32))]
@@ -37,7 +37,7 @@ def test_accumulating_4x2_equals_1x8(objective_name):
         torch.testing.assert_close(small[name], big[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("objective_name", ["mlm"])
+@pytest.mark.parametrize("objective_name", ["mlm", "span", "electra"])
 def test_two_gloo_processes_equal_one_with_double_batch(objective_name, tmp_path):
     two, one = tmp_path / "two.pt", tmp_path / "one.pt"
     torchrun(2, str(TESTS / "dist" / "grad_worker.py"), objective_name, str(two), str(TESTS))

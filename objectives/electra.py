@@ -1,0 +1,333 @@
+"""ELECTRA (Clark et al., 2020): a small MLM generator and a replaced-token-detection discriminator.
+
+Model (``build_model``): an :class:`ElectraPretrainingModel` holding a stock ``ElectraForMaskedLM`` generator and a
+stock ``ElectraForPreTraining`` discriminator of the same depth. The generator is ``generator_size`` times as wide as
+the discriminator, with hidden // 64 heads (at least 1) and a 4 x hidden feed-forward layer (the reference's
+``get_generator_config``). Token, position and token-type embeddings and the embedding LayerNorm are the *same*
+modules in both networks; each network maps the shared embedding width to its own hidden size with its own
+``embeddings_project`` where they differ, and the generator's output projection is tied to the shared word embeddings.
+
+Masking (``collate``, CPU): exactly k = round(mask_ratio * n) distinct positions per block among its n non-special
+tokens; 85% of them become [MASK], the rest keep the original token (no random tokens), as in the reference's
+``pretrain_helpers.mask``. (The reference counts n over all non-pad tokens including [CLS]/[SEP] and draws the
+positions with replacement; here k follows DESIGN.md §3 and the positions are distinct.)
+
+Loss (``forward``): generator MLM cross-entropy on the masked positions, through a sparse head (hidden states are
+gathered at the M masked positions before the prediction head: [M, V] logits, never [B, L, V]). Replacement tokens
+are sampled from the generator's softmax at ``temperature`` with the Gumbel-max trick, in fp32, without gradient
+(the sample is an integer; nothing flows back into the generator from the discriminator). The discriminator reads
+the original block with the masked positions replaced by the samples; a position is "replaced" only where the sample
+differs from the original. Binary cross-entropy over every non-pad position. loss = gen_sum / n_masked +
+disc_weight * disc_sum / n_tokens (token-exact: the trainer may pass window-wide normalisers).
+
+Reproducible sampling: the Gumbel noise is not drawn from a device RNG but computed by a counter-based hash of
+(seed, global sample index, position in the block, vocabulary id), see :func:`gumbel_noise`. A sample therefore gets
+the same replacement tokens whatever the batch it sits in, the number of processes or the device, given the same
+generator logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .base import IGNORE_INDEX, Objective, build_options
+from .mlm import MLMConfig, select_tokens
+
+
+@dataclass
+class ElectraConfig:
+    generator_size: float = 0.25
+    """Generator hidden size as a fraction of the discriminator's (1/4 default; the paper's base uses 1/3)."""
+    mask_ratio: float = 0.15
+    """Exactly round(mask_ratio * n) masked positions per block (static count)."""
+    mask_token_prob: float = 0.85
+    """Of the masked positions, fraction replaced by [MASK] (the rest keep the original token)."""
+    disc_weight: float = 50.0
+    """Loss = generator MLM + disc_weight * discriminator BCE (the paper's lambda = 50)."""
+    temperature: float = 1.0
+    """Sampling temperature of the generator (Gumbel-max in fp32)."""
+
+    def __post_init__(self):
+        if not self.generator_size > 0:
+            raise ValueError(f"objective.electra.generator_size must be > 0, got {self.generator_size}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"objective.electra.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if not 0.0 <= self.mask_token_prob <= 1.0:
+            raise ValueError(f"objective.electra.mask_token_prob must be in [0, 1], got {self.mask_token_prob}")
+        if self.disc_weight < 0:
+            raise ValueError(f"objective.electra.disc_weight must be >= 0, got {self.disc_weight}")
+        if not self.temperature > 0:
+            raise ValueError(f"objective.electra.temperature must be > 0, got {self.temperature}")
+
+
+# --------------------------------------------------------------------------- counter-based Gumbel noise
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _signed32(c: int) -> int:
+    """A 32-bit multiplier as a signed value: x * c stays within int64 for x < 2**32 and keeps the low 32 bits."""
+    return c - (1 << 32) if c >= (1 << 31) else c
+
+
+_MUL1, _MUL2 = _signed32(0x7FEB352D), _signed32(0x846CA68B)
+_SALT_SEED, _SALT_VOCAB, _SALT_ROW = 0x9E3779B9, 0x85EBCA6B, 0xC2B2AE35
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash ("lowbias32", C. Wellons' hash-prospector) on words held in int64 tensors.
+
+    Every intermediate stays in [-2**63, 2**63): the inputs are < 2**32 and the multipliers are used as signed
+    values of magnitude < 2**31, so the products never overflow and ``& 0xFFFFFFFF`` keeps their low 32 bits. The
+    result is therefore bit-identical on every device and backend."""
+    x = x ^ (x >> 16)
+    x = (x * _MUL1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MUL2) & _MASK32
+    return x ^ (x >> 16)
+
+
+def row_keys(seed: int, sample_index: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two 32-bit keys per masked position from (seed, global sample index, position in the block); all [R] int64."""
+    sample_index = sample_index.long()
+    key = _mix32(torch.full_like(sample_index, (int(seed) ^ _SALT_SEED) & _MASK32))
+    key = _mix32(key ^ (sample_index & _MASK32))
+    key = _mix32(key ^ ((sample_index >> 32) & _MASK32))
+    key = _mix32(key ^ (position.long() & _MASK32))
+    return key, _mix32(key ^ _SALT_ROW)
+
+
+def gumbel_noise(seed: int, sample_index: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Standard Gumbel noise [R, V] (fp32) for R masked positions, a pure function of its arguments.
+
+    Entry (r, v) is a hash of (seed, sample_index[r], position[r], v): 32-bit words are combined with ``_mix32``
+    (row key k1, k2 from the first three; a vocabulary key h_v from v; bits = mix(mix(k1 ^ h_v) ^ k2)). The top 23
+    bits give u = (j + 0.5) / 2**23, exact in fp32 and strictly inside (0, 1), and g = -log(-log u), so g lies in
+    [-2.8, 16.6] (the Gumbel tail beyond is cut off with probability < 1e-7). Computed with integer tensor ops on
+    the device of ``sample_index``: no RNG state, so the draw of a sample does not depend on the batch it sits in."""
+    k1, k2 = row_keys(seed, sample_index, position)
+    vocab = _mix32(torch.arange(vocab_size, device=k1.device, dtype=torch.long) ^ _SALT_VOCAB)
+    bits = _mix32(_mix32(k1[:, None] ^ vocab[None, :]) ^ k2[:, None])
+    u = ((bits >> 9).float() + 0.5) * (2.0**-23)
+    return -torch.log(-torch.log(u))
+
+
+@torch.no_grad()
+def gumbel_sample(
+    logits: torch.Tensor, seed: int, sample_index: torch.Tensor, position: torch.Tensor, temperature: float = 1.0,
+    max_chunk_elements: int = 1 << 24,
+) -> torch.Tensor:
+    """One token per row of ``logits`` [R, V] from softmax(logits / temperature): argmax(logits / T + Gumbel noise).
+
+    Runs in fp32 without gradient; rows are processed in chunks of at most ``max_chunk_elements`` noise entries to
+    bound the memory of the int64 hash intermediates. Returns [R] int64."""
+    rows, vocab_size = logits.shape
+    step = max(1, max_chunk_elements // max(1, vocab_size))
+    out = []
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        noise = gumbel_noise(seed, sample_index[start:stop], position[start:stop], vocab_size)
+        out.append((logits[start:stop].float() / temperature + noise).argmax(-1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=logits.device)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ElectraPretrainingModel(nn.Module):
+    """The two stock networks trained together; ``generator.electra.embeddings is discriminator.electra.embeddings``.
+
+    Attributes: ``generator`` (``ElectraForMaskedLM``) and ``discriminator`` (``ElectraForPreTraining``). There is no
+    ``forward``: :class:`ElectraObjective` runs the sparse generator head, the sampling and the discriminator."""
+
+    def __init__(self, generator: nn.Module, discriminator: nn.Module):
+        super().__init__()
+        # the generator's own embeddings are discarded: both networks read the discriminator's embedding module
+        generator.electra.embeddings = discriminator.electra.embeddings
+        generator.tie_weights()  # re-tie generator_lm_head.weight to the (now shared) word embeddings
+        self.generator = generator
+        self.discriminator = discriminator
+
+    @property
+    def config(self):
+        """The discriminator's config (the model that is kept after pretraining)."""
+        return self.discriminator.config
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters used by both networks: the embedding tables and the embedding LayerNorm."""
+        return list(self.discriminator.electra.embeddings.parameters())
+
+
+def generator_shape(hidden_size: int, generator_size: float) -> tuple[int, int, int]:
+    """(hidden, heads, intermediate) of the generator as in the reference's ``get_generator_config``."""
+    hidden = int(round(hidden_size * generator_size))
+    heads = max(1, hidden // 64)
+    if hidden < 1 or hidden % heads:
+        raise ValueError(
+            f"objective.electra.generator_size={generator_size} gives a generator hidden size of {hidden} "
+            f"(round({hidden_size} x {generator_size})), which its {heads} heads (hidden // 64) do not divide; "
+            "choose a generator_size that gives, e.g., a hidden size below 128 or a multiple of 64"
+        )
+    return hidden, heads, 4 * hidden
+
+
+# --------------------------------------------------------------------------- objective
+
+
+class ElectraObjective(Objective):
+    """Replaced-token detection with a jointly trained MLM generator (model: :class:`ElectraPretrainingModel`)."""
+
+    name = "electra"
+    metric_counts = {
+        "gen_loss": "n_masked",
+        "gen_acc": "n_masked",
+        "disc_loss": "n_tokens",
+        "disc_acc": "n_tokens",
+        "disc_acc_replaced": "n_replaced",
+        "disc_acc_original": "n_original",
+        "replaced_frac": "n_masked",
+    }
+
+    #: fallback sample indices (examples without ``index``) start here, away from real stream positions
+    FALLBACK_INDEX_START = 1 << 56
+
+    def __init__(self, tokenizer, seed: int = 0, **options: Any):
+        super().__init__(tokenizer, seed)
+        self.config = build_options(ElectraConfig, options, "objective.electra")
+        self.loss_parts = {"gen_loss": ("n_masked", 1.0), "disc_loss": ("n_tokens", self.config.disc_weight)}
+        self._selection = MLMConfig(mask_ratio=self.config.mask_ratio, static_count=True)
+        self._next_fallback_index = self.FALLBACK_INDEX_START
+
+    # ---------------------------------------------------------------- masking (CPU, DataLoader workers)
+    def mask_example(self, example: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        ids = torch.as_tensor(example["input_ids"], dtype=torch.long)
+        gen = self._generator(example)
+        selected = select_tokens(self.candidate_mask(ids), self._word_ids(example, len(ids)), self._selection, gen)
+        positions = torch.nonzero(selected).squeeze(1)
+        to_mask = positions[torch.rand(len(positions), generator=gen) < self.config.mask_token_prob]
+        masked = ids.clone()
+        masked[to_mask] = self.mask_id
+        labels = torch.where(selected, ids, torch.full_like(ids, IGNORE_INDEX))
+        return {"input_ids": masked, "labels": labels, "original_ids": ids}
+
+    def collate(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """examples: dicts with ``input_ids`` [L], optional ``word_ids`` [L] and ``index``. Returns [B, L] tensors
+        ``input_ids`` (masked), ``labels`` (original id at masked positions, -100 elsewhere), ``original_ids``
+        (unmasked, pad-filled), ``attention_mask``, and ``sample_index`` [B] (the examples' ``index``, else a
+        per-objective counter from 2**56; it keys the generator's Gumbel noise). Pass ``index`` for reproducible
+        batches: the fallback counter (like the fallback masking generator) lives in each DataLoader worker."""
+        batch = self.pad_and_stack([self.mask_example(e) for e in examples])
+        batch["original_ids"].masked_fill_(batch["attention_mask"] == 0, self.pad_id)
+        indices = []
+        for e in examples:
+            if e.get("index") is not None:
+                indices.append(int(e["index"]))
+            else:
+                indices.append(self._next_fallback_index)
+                self._next_fallback_index += 1
+        batch["sample_index"] = torch.tensor(indices, dtype=torch.long)
+        return batch
+
+    # ---------------------------------------------------------------- loss
+    def counts(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The normalisers: masked positions (generator) and non-pad tokens (discriminator). The counts of
+        replaced/original positions depend on the generator's samples and come with ``forward``'s output."""
+        return {"n_masked": (batch["labels"] != IGNORE_INDEX).sum(), "n_tokens": batch["attention_mask"].sum()}
+
+    def sample(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor], selected: torch.Tensor) -> torch.Tensor:
+        """Replacement tokens [M] for the masked positions ``selected`` [B, L] (row-major order) from ``logits``
+        [M, V]: Gumbel-max at ``temperature``, fp32, no gradient, noise keyed by (seed, sample index, position)."""
+        if "sample_index" not in batch:
+            raise KeyError("the ELECTRA batch has no 'sample_index'; build batches with ElectraObjective.collate")
+        rows, positions = torch.nonzero(selected, as_tuple=True)
+        sample_index = batch["sample_index"].to(logits.device)[rows]
+        return gumbel_sample(logits.detach(), self.seed, sample_index, positions, self.config.temperature)
+
+    def loss_sums(self, model: ElectraPretrainingModel, batch: Mapping[str, torch.Tensor]):
+        """The step's summed losses (with graph), counts, per-batch metrics and detached internals.
+
+        Returns ``(sums, counts, metrics, aux)``: sums {gen_loss, disc_loss}; counts {n_masked, n_tokens,
+        n_replaced, n_original}; metrics {gen_acc, disc_acc, disc_acc_replaced, disc_acc_original, replaced_frac};
+        aux {sampled [M], disc_input_ids [B, L], replaced [B, L] bool, disc_logits [B, L]}."""
+        attention_mask = batch["attention_mask"]
+        selected = batch["labels"] != IGNORE_INDEX
+        targets = batch["labels"][selected]
+
+        # generator: sparse MLM head on the M masked positions
+        generator = model.generator
+        hidden = generator.electra(input_ids=batch["input_ids"], attention_mask=attention_mask).last_hidden_state
+        logits = generator.generator_lm_head(generator.generator_predictions(hidden[selected]))  # [M, V]
+        gen_sum, gen_correct = self.masked_lm_sums(logits, targets)
+
+        # corrupt the block with the generator's samples; an integer sample carries no gradient back
+        sampled = self.sample(logits, batch, selected)
+        original = batch["original_ids"]
+        disc_ids = original.clone()
+        disc_ids[selected] = sampled
+        replaced = disc_ids != original  # a sampled original token counts as "original"
+
+        # discriminator: binary cross-entropy on every non-pad position
+        disc_logits = model.discriminator(input_ids=disc_ids, attention_mask=attention_mask).logits  # [B, L]
+        valid = attention_mask.bool()
+        valid_logits, valid_labels = disc_logits[valid].float(), replaced[valid]
+        disc_sum = F.binary_cross_entropy_with_logits(valid_logits, valid_labels.float(), reduction="sum")
+        correct = (valid_logits.detach() > 0) == valid_labels
+
+        n_masked, n_tokens = selected.sum(), valid.sum()
+        n_replaced = valid_labels.sum()
+        n_original = n_tokens - n_replaced
+        counts = {"n_masked": n_masked, "n_tokens": n_tokens, "n_replaced": n_replaced, "n_original": n_original}
+        metrics = {
+            "gen_acc": gen_correct / n_masked.clamp(min=1),
+            "disc_acc": correct.sum() / n_tokens.clamp(min=1),
+            "disc_acc_replaced": (correct & valid_labels).sum() / n_replaced.clamp(min=1),
+            "disc_acc_original": (correct & ~valid_labels).sum() / n_original.clamp(min=1),
+            "replaced_frac": n_replaced / n_masked.clamp(min=1),
+        }
+        aux = {"sampled": sampled, "disc_input_ids": disc_ids, "replaced": replaced,
+               "disc_logits": disc_logits.detach()}
+        return {"gen_loss": gen_sum, "disc_loss": disc_sum}, counts, metrics, aux
+
+    def forward(self, model: ElectraPretrainingModel, batch: Mapping[str, torch.Tensor], normalizers=None) -> dict:
+        """Returns ``loss`` = gen_sum / N_masked + disc_weight * disc_sum / N_tokens (N: ``normalizers`` or this
+        batch's counts), the detached means ``gen_loss``/``disc_loss``, the metrics of ``metric_counts`` and the
+        counts ``n_masked``, ``n_tokens``, ``n_replaced``, ``n_original`` (the last two only known after sampling)."""
+        sums, counts, metrics, _ = self.loss_sums(model, batch)
+        return self.reduce(sums, counts, normalizers, metrics)
+
+    # ---------------------------------------------------------------- model / export
+    def build_model(self, model_config) -> ElectraPretrainingModel:
+        from transformers import ElectraForMaskedLM, ElectraForPreTraining
+
+        from pretrain.model import electra_config
+
+        hidden, heads, intermediate = generator_shape(model_config.hidden_size, self.config.generator_size)
+        gen_config = electra_config(model_config, self.vocab_size, self.pad_id, hidden, heads, intermediate)
+        disc_config = electra_config(model_config, self.vocab_size, self.pad_id)
+        return ElectraPretrainingModel(ElectraForMaskedLM(gen_config), ElectraForPreTraining(disc_config))
+
+    def export(self, model: nn.Module, out_dir, tokenizer) -> None:
+        """``out_dir/discriminator`` (``ElectraForPreTraining``) and ``out_dir/generator`` (``ElectraForMaskedLM``),
+        each with its own copy of the shared embeddings and the tokenizer, loadable standalone."""
+        from pretrain.export import save_hf, unwrap
+
+        model = unwrap(model)
+        out_dir = Path(out_dir)
+        save_hf(model.discriminator, out_dir / "discriminator", tokenizer)
+        save_hf(model.generator, out_dir / "generator", tokenizer)
+
+    def export_targets(self, model: nn.Module, out_dir) -> list[tuple[Any, str, nn.Module]]:
+        """Both exports with the auto class that loads each and the training module whose logits it reproduces."""
+        from pretrain.export import unwrap
+
+        model, out_dir = unwrap(model), Path(out_dir)
+        return [
+            (out_dir / "discriminator", "AutoModelForPreTraining", model.discriminator),
+            (out_dir / "generator", "AutoModelForMaskedLM", model.generator),
+        ]
