@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import sys
+import time
+
+# the tokenizers library warns on every DataLoader fork once it has been used; its threads are not needed there
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pretrain_main(argv: list[str] | None = None) -> int:
@@ -49,11 +56,37 @@ def export_main(argv: list[str] | None = None) -> int:
 
 
 def prepare_data_main(argv: list[str] | None = None) -> int:
-    import importlib.util
-    from pathlib import Path
+    """Tokenize and pack a corpus into the block cache (the data half of a run); prints a JSON summary."""
+    parser = argparse.ArgumentParser(prog="pretrain-prepare-data", description=prepare_data_main.__doc__)
+    parser.add_argument("config", help="YAML config (only its data/tokenizer sections and train.seed matter)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.block_size=256")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "prepare_data.py"
-    spec = importlib.util.spec_from_file_location("prepare_data", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    from .config import ConfigError, load_config
+    from .data import prepare_blocks
+    from .data.demo import DemoCorpusError
+
+    start = time.perf_counter()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        data = prepare_blocks(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, DemoCorpusError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    splits = data.meta["splits"]
+    summary = {
+        "cache_path": str(data.cache_path),
+        "tokenizer": data.tokenizer.name_or_path,
+        "vocab_size": len(data.tokenizer),
+        "block_size": data.train.block_size,
+        "train_blocks": len(data.train),
+        "train_tokens": data.train.num_tokens,
+        "train_documents": splits["train"]["documents"],
+        "validation_blocks": len(data.validation),
+        "validation_tokens": data.validation.num_tokens,
+        "validation_documents": splits["validation"]["documents"],
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    print(json.dumps(summary))
+    return 0
