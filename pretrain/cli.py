@@ -22,9 +22,19 @@ def pretrain_main(argv: list[str] | None = None) -> int:
                         help="if OUTPUT_DIR holds a run with another config, move it aside and start afresh")
     args = parser.parse_args(argv)
 
+    import datasets
+
     from .checkpoint import CheckpointError
     from .config import ConfigError, load_config
     from .trainer import RunDirError, fit
+
+    datasets.disable_progress_bars()  # one progress line is ours; data preparation logs its stages instead
+    log = logging.getLogger("pretrain")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
     try:
         cfg = load_config(args.config, args.overrides)

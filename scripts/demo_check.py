@@ -13,6 +13,9 @@ import os
 import sys
 import time
 
+# scripts/pretrain.py would shadow the `pretrain` package: drop this folder from the import path
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _here]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
