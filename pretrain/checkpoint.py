@@ -8,6 +8,7 @@ cannot be loaded; older complete checkpoints are pruned only after a newer one i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -59,6 +60,9 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep_last: 
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)  # our own leftover from a crash while writing this very step
     accelerator.wait_for_everyone()
+    # tied weights (MLM decoder = word embeddings, ELECTRA's shared embeddings) are stored once and re-tied on load,
+    # which accelerate reports as a warning on every save; resume is tested bit-exact, so keep the log quiet
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
