@@ -134,12 +134,25 @@ class TrainConfig:
     """Optimizer steps to train for."""
     lr: float = 1e-3
     """Peak learning rate."""
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    """Decay after warmup: linear to min_lr_ratio x lr, cosine, or constant."""
+    schedule: Literal["linear", "cosine", "constant", "onecycle"] = "linear"
+    """Decay after warmup: linear to min_lr_ratio x lr, cosine, or constant; or onecycle (Smith & Topin 2017, as
+    torch's OneCycleLR with cosine annealing): LR lr/onecycle_div_factor -> lr over onecycle_pct_start of max_steps,
+    then -> lr/(onecycle_div_factor x onecycle_final_div_factor), with Adam's beta1 cycled inversely (it replaces
+    adam_beta1; warmup_steps and min_lr_ratio are not used). Find lr with scripts/lr_find.py."""
     warmup_steps: int = 100
-    """Linear warmup from 0 to lr over this many steps."""
+    """Linear warmup from 0 to lr over this many steps (linear, cosine, constant)."""
     min_lr_ratio: float = 0.0
     """Final LR as a fraction of lr (linear and cosine)."""
+    onecycle_pct_start: float = 0.3
+    """onecycle: fraction of max_steps spent raising the LR to its peak lr."""
+    onecycle_div_factor: float = 25.0
+    """onecycle: the LR starts at lr / onecycle_div_factor."""
+    onecycle_final_div_factor: float = 1e4
+    """onecycle: the LR ends at lr / (onecycle_div_factor x onecycle_final_div_factor)."""
+    onecycle_max_momentum: float = 0.95
+    """onecycle: Adam beta1 at the start and end of the cycle (where the LR is lowest)."""
+    onecycle_base_momentum: float = 0.85
+    """onecycle: Adam beta1 at the LR peak."""
     weight_decay: float = 0.01
     """AdamW decoupled weight decay, applied to matrices only (not to biases or LayerNorm weights)."""
     adam_beta1: float = 0.9
@@ -171,6 +184,14 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not 0.0 < self.onecycle_pct_start < 1.0:
+            raise ValueError(f"train.onecycle_pct_start must be in (0, 1), got {self.onecycle_pct_start}")
+        for name in ("onecycle_div_factor", "onecycle_final_div_factor"):
+            if getattr(self, name) < 1.0:
+                raise ValueError(f"train.{name} must be >= 1 (the LR is divided by it), got {getattr(self, name)}")
+        if not 0.0 <= self.onecycle_base_momentum <= self.onecycle_max_momentum < 1.0:
+            raise ValueError("train.onecycle_base_momentum <= train.onecycle_max_momentum must both lie in [0, 1), "
+                             f"got {self.onecycle_base_momentum} and {self.onecycle_max_momentum}")
 
 
 @dataclass
@@ -406,7 +427,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 #: keys that may change between a run and its resumption (anything else must match the saved config)
 RESUMABLE_CHANGES = ("train.max_steps", "train.eval_every", "train.save_every", "train.keep_last",
-                     "train.log_every", "train.eval_batches", "data.num_workers", "data.cache_dir", "log.")
+                     "train.log_every", "train.eval_batches", "data.num_workers", "data.cache_dir", "log.",
+                     "decouple.runtime")
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:

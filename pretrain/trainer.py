@@ -25,7 +25,7 @@ from .config import Config, config_differences, config_to_dict, save_config
 from .data.stream import StreamBatchSampler, StreamDataset, to_device
 from .export import roundtrip_check, unwrap
 from .metrics import MetricsLogger, MetricTracker, peak_flops, train_flops_per_token
-from .schedules import lr_for
+from .schedules import apply_schedule
 
 #: stream positions of validation examples start here, so their masking seeds never collide with training ones
 VALIDATION_INDEX_OFFSET = 1 << 40
@@ -204,9 +204,7 @@ def fit(cfg: Config, overwrite: bool = False) -> dict:
     module.train()
     step, window_start, data_wait, skipped = state["step"], time.perf_counter(), 0.0, 0
     while step < t.max_steps:
-        lr = lr_for(t, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = apply_schedule(optimizer, t, step)  # the LR (and Adam's beta1 under one-cycle) of this step
         fetch_start = time.perf_counter()
         micro = [next(batches) for _ in range(t.grad_accum)]
         data_wait += time.perf_counter() - fetch_start
