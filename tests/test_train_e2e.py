@@ -55,13 +55,13 @@ def run_cli(*args, check=True):
     return proc
 
 
-def train_losses(run: Path) -> dict[int, float]:
+def train_losses(run: Path, key: str = "mlm_loss") -> dict[int, float]:
     """Last logged loss per step (a resumed run re-logs the steps it redoes)."""
     losses = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if rec["split"] == "train":
-            losses[rec["step"]] = rec["mlm_loss"]
+            losses[rec["step"]] = rec[key]
     return losses
 
 
@@ -137,23 +137,29 @@ def test_sigkill_and_restart_gives_bit_identical_losses(reference_run, corpus, t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_processes_equal_one_process_with_double_batch(reference_run, corpus, tmp_path):
+@pytest.mark.parametrize("objective, keys", [("mlm", ["mlm_loss"]), ("electra", ["gen_loss", "disc_loss"])])
+def test_two_processes_equal_one_process_with_double_batch(reference_run, corpus, tmp_path, objective, keys):
+    """2 gloo processes x B = 1 process x 2B: same per-step losses and updated parameters (dropout off: its masks
+    depend on how the batch is split; ELECTRA's sampling noise does not, it is keyed by sample index)."""
     cfg2 = write_config(tmp_path / "two.yaml", corpus, reference_run.parent / "cache", micro_batch_size=2,
                         max_steps=4)
     (tmp_path / "one").mkdir()
     cfg1 = write_config(tmp_path / "one" / "one.yaml", corpus, reference_run.parent / "cache", max_steps=4)
     for cfg in (cfg1, cfg2):
         data = yaml.safe_load(cfg.read_text())
-        data["model"].update(hidden_dropout=0.0, attention_dropout=0.0)  # dropout masks depend on the batch split
+        data["model"].update(hidden_dropout=0.0, attention_dropout=0.0)
+        data["objective"] = {"name": objective}
         cfg.write_text(yaml.safe_dump(data))
     torchrun(2, SCRIPT, str(cfg2))
     run_cli(cfg1)
-    one, two = train_losses(tmp_path / "one" / "run"), train_losses(tmp_path / "run")
-    assert one.keys() == two.keys()
-    for step in one:
-        assert two[step] == pytest.approx(one[step], abs=1e-5)
+    for key in keys:
+        one, two = train_losses(tmp_path / "one" / "run", key), train_losses(tmp_path / "run", key)
+        assert one.keys() == two.keys() == set(range(1, 5))
+        for step in one:
+            assert two[step] == pytest.approx(one[step], abs=1e-5), (key, step)
     a = load_file(str(tmp_path / "one" / "run" / "checkpoints" / "step-4" / "model.safetensors"))
     b = load_file(str(tmp_path / "run" / "checkpoints" / "step-4" / "model.safetensors"))
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)
 
