@@ -66,19 +66,28 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep_last: 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        (tmp / COMPLETE).write_text("ok\n")
-        if final.exists():  # re-saving a step (e.g. the final one): keep the old one until the new one is in place
-            old = root / f".step-{step}.old"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        complete = [p for _, p in list_checkpoints(root) if (p / COMPLETE).is_file()]
-        for path in complete[:-keep_last]:
-            shutil.rmtree(path)
+        commit_checkpoint(root, step, tmp, state, keep_last)
     accelerator.wait_for_everyone()
+    return final
+
+
+def commit_checkpoint(root: Path, step: int, tmp: Path, state: dict, keep_last: int) -> Path:
+    """Turn the filled temporary directory ``tmp`` into ``root/step-N``: write the trainer state and the COMPLETE
+    marker, rename it into place (a re-saved step keeps the old one until the new one is in place), then prune
+    complete checkpoints beyond the newest ``keep_last``. Main process only."""
+    final = root / f"step-{step}"
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    (tmp / COMPLETE).write_text("ok\n")
+    if final.exists():
+        old = root / f".step-{step}.old"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    complete = [p for _, p in list_checkpoints(root) if (p / COMPLETE).is_file()]
+    for path in complete[:-keep_last]:
+        shutil.rmtree(path)
     return final
 
 
