@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-import torch
 
 WORDS = ("the quick brown fox jumps over lazy dog while seven wizards quietly box jovial nymphs under "
          "bright stars and distant mountains river valley encoder pretraining objective language model "

@@ -1,0 +1,295 @@
+"""Benchmarks. Each suite prints one JSON line per configuration and writes them to benchmarks/<suite>-<date>.json.
+
+    python scripts/benchmark.py decouple [--chunks 2 4] [--steps 30] ...
+
+Suites (subcommands):
+
+* ``decouple``: DESIGN.md §4 invariant (4). Local-update pipelines of K processes (``torchrun``, gloo on CPU /
+  NCCL on GPU, one thread per process on CPU) against the single-process backprop step of the trainer
+  (``accumulate_gradients`` + clip + AdamW) on the same model, global batch and number of steps. The baseline
+  runs with 1 and with ``--baseline-threads`` threads so the comparison is honest; ``ratio`` is tok/s over the
+  1-thread baseline, ``ratio_vs_best_baseline`` over the fastest baseline. Batches are masked before the clock
+  starts (the trainer masks in DataLoader workers); warm-up steps are excluded; the pipeline's time is that of
+  its last chunk, which finishes last, and includes one pipeline fill. Every configuration runs ``--repeat``
+  times round-robin; the summary rows (``"summary": true``, printed last) take each configuration's best run,
+  the least disturbed by other processes (each run records the load average at its start).
+
+Other suites are added as further subcommands; ``_worker`` is internal (one measured configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# scripts/pretrain.py would shadow the `pretrain` package: drop this folder from the import path
+sys.path = [p for p in sys.path if Path(p or os.getcwd()).resolve() != Path(__file__).resolve().parent]
+
+
+class RandomTokenizer:
+    """Just what an objective needs from a tokenizer: size and special ids (BERT layout: PAD 0, UNK 1, CLS 2,
+    SEP 3, MASK 4)."""
+
+    pad_token_id, unk_token_id, cls_token_id, sep_token_id, mask_token_id = 0, 1, 2, 3, 4
+    all_special_ids = [0, 1, 2, 3, 4]
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+def bench_config(args, chunks: int):
+    from pretrain.config import config_from_dict
+
+    return config_from_dict({
+        "output_dir": "unused",
+        "data": {"files": ["random-tokens"], "block_size": args.seq, "num_workers": 0},
+        "model": {"hidden_size": args.hidden, "num_layers": args.layers, "num_heads": args.heads,
+                  "intermediate_size": 4 * args.hidden, "max_position_embeddings": args.seq,
+                  "hidden_dropout": 0.1, "attention_dropout": 0.1},
+        "train": {"micro_batch_size": args.batch, "grad_accum": args.accum, "max_steps": 10 ** 6, "lr": 1e-3,
+                  "warmup_steps": 0, "schedule": "constant", "device": args.device},
+        "decouple": {"mode": "local" if chunks > 1 else "none", "chunks": chunks},
+        "log": {"tensorboard": False},
+    })
+
+
+def random_batches(args, collator, n: int) -> list[dict]:
+    """``n`` masked micro-batches of random token blocks [CLS] ... [SEP] (masking done here, off the clock)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for t in range(n):
+        examples = []
+        for i in range(args.batch):
+            ids = torch.randint(5, args.vocab, (args.seq - 2,), generator=gen).tolist()
+            examples.append({"input_ids": [2, *ids, 3], "index": t * args.batch + i})
+        batches.append(collator.collate(examples))
+    return batches
+
+
+def run_worker(args) -> None:
+    """One configuration: ``backprop`` (the trainer's step) or ``local`` (the decoupled pipeline, simulated when
+    alone, distributed under torchrun). Prints one JSON line (rank 0 only)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from accelerate.utils import set_seed
+
+    from pretrain.decouple.runtime import (Pipeline, build_chunked_model, init_distributed, pick_device,
+                                           resolve_layout, window_normalizers)
+
+    cfg = bench_config(args, args.chunks)
+    tok = RandomTokenizer(args.vocab)
+    set_seed(0)
+    total = args.warmup + args.steps
+    if args.kind == "backprop":
+        from accelerate import Accelerator
+
+        from objectives import get_objective
+        from pretrain.trainer import PretrainModule, accumulate_gradients, build_optimizer
+
+        accelerator = Accelerator(cpu=args.device == "cpu")
+        objective = get_objective("mlm", tok, seed=0)
+        module = PretrainModule(objective.build_model(cfg.model), objective)
+        optimizer = build_optimizer(module, cfg.train, accelerator.device.type)
+        module, optimizer = accelerator.prepare(module, optimizer)
+        batches = random_batches(args, objective, total * args.accum)
+        device = accelerator.device
+        world, rank = 1, 0
+
+        def step(s):
+            accumulate_gradients(module, objective, batches[s * args.accum:(s + 1) * args.accum], accelerator)
+            accelerator.clip_grad_norm_(module.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        def sync():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    else:
+        layout = resolve_layout(cfg.decouple)
+        device = pick_device(cfg.train, layout)
+        init_distributed(layout, device)
+        model, collator = build_chunked_model(cfg, tok)
+        model.to(device)
+        pipeline = Pipeline(model, cfg, layout, device)
+        batches = random_batches(args, collator, total * args.accum)
+        world, rank = layout.world_size, layout.rank
+
+        def step(s):
+            micro = batches[s * args.accum:(s + 1) * args.accum]
+            pipeline.train_step(micro, window_normalizers(collator, micro, device), 1e-3)
+
+        def sync():
+            if pipeline.link is not None:
+                pipeline.link.flush()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if world > 1:
+                torch.distributed.barrier()
+
+    for s in range(args.warmup):
+        step(s)
+    sync()
+    start = time.perf_counter()
+    for s in range(args.warmup, total):
+        step(s)
+    if world > 1:
+        pipeline.link.flush()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start  # on the last chunk: when the pipeline's last step is done
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if world > 1:
+        stats = torch.tensor([elapsed, peak_mb], dtype=torch.float64)
+        gathered = [torch.zeros_like(stats) for _ in range(world)]
+        torch.distributed.all_gather(gathered, stats)
+        elapsed = max(float(g[0]) for g in gathered)
+        peak_mb = max(float(g[1]) for g in gathered)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if rank == 0:
+        tokens = args.steps * args.accum * args.batch * args.seq
+        print("RESULT " + json.dumps({"tok_per_s": tokens / elapsed, "step_ms": 1000 * elapsed / args.steps,
+                                      "peak_mem_mb": peak_mb}), flush=True)
+
+
+def launch(args, kind: str, chunks: int, processes: int, threads: int) -> dict:
+    """Run one configuration in fresh process(es) with ``threads`` threads each; returns its RESULT dict."""
+    worker = [str(Path(__file__).resolve()), "_worker", "--kind", kind, "--chunks", str(chunks),
+              "--threads", str(threads)]
+    for name in ("hidden", "layers", "heads", "vocab", "seq", "batch", "accum", "steps", "warmup", "device"):
+        worker += [f"--{name}", str(getattr(args, name))]
+    if processes > 1:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from distributed import free_port
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--nnodes=1",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", *worker]
+    else:
+        cmd = [sys.executable, *worker]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                           f"{proc.stderr[-5000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def environment(args) -> dict:
+    import torch
+    import transformers
+
+    device = torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    return {"device": device, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "load_avg_1m": os.getloadavg()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def suite_decouple(args) -> list[dict]:
+    """Every configuration ``--repeat`` times, round-robin (a disturbance hits all of them alike); each run's row
+    carries the 1-minute load average at its start. The summary row of a configuration (``"summary": true``) takes
+    its best run (least disturbed by other processes) and its median; ratios use the baselines' best runs."""
+    import statistics
+
+    shape = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "vocab", "seq", "batch", "accum", "steps",
+                                           "warmup")}
+    env = environment(args)
+    on_gpu = env["device"] != "cpu"
+    configs = [("backprop-1proc-1thread", "backprop", 1, 1, 1)]
+    if not on_gpu and args.baseline_threads > 1:
+        configs.append((f"backprop-1proc-{args.baseline_threads}threads", "backprop", 1, 1, args.baseline_threads))
+    for k in args.chunks:
+        configs.append((f"local-K{k}-{k}proc-1thread", "local", k, k, 1))
+        if args.simulated:
+            configs.append((f"local-K{k}-simulated-1thread", "local", k, 1, 1))
+    runs: dict[str, list[dict]] = {c[0]: [] for c in configs}
+    rows = []
+    for round_index in range(args.repeat):
+        for name, kind, chunks, processes, threads in configs:
+            load = os.getloadavg()[0]
+            res = launch(args, kind, chunks, processes, threads)
+            row = {"suite": "decouple", "config": name, "round": round_index, "kind": kind, "chunks": chunks,
+                   "processes": processes, "threads_per_process": threads, **res, "load_avg_1m_at_start": load}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            runs[name].append(row)
+    best = {name: max(r["tok_per_s"] for r in rs) for name, rs in runs.items()}
+    base1 = best["backprop-1proc-1thread"]
+    best_base = max(v for n, v in best.items() if n.startswith("backprop"))
+    summary = []
+    for name, kind, chunks, processes, threads in configs:
+        rs = runs[name]
+        top = max(rs, key=lambda r: r["tok_per_s"])
+        row = {"suite": "decouple", "summary": True, "config": name, "kind": kind, "chunks": chunks,
+               "processes": processes, "threads_per_process": threads, "tok_per_s": top["tok_per_s"],
+               "step_ms": top["step_ms"], "median_tok_per_s": statistics.median(r["tok_per_s"] for r in rs),
+               "runs": len(rs), "peak_mem_mb": top["peak_mem_mb"], "mfu": None,
+               "ratio": top["tok_per_s"] / base1, "ratio_vs_best_baseline": top["tok_per_s"] / best_base,
+               "baseline": "backprop-1proc-1thread (trainer step: accumulate_gradients + clip + AdamW)",
+               **shape, **env}
+        print(json.dumps(row), flush=True)
+        summary.append(row)
+    return summary + rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="suite", required=True)
+
+    def shape_args(p):
+        p.add_argument("--hidden", type=int, default=128)
+        p.add_argument("--layers", type=int, default=4)
+        p.add_argument("--heads", type=int, default=2)
+        p.add_argument("--vocab", type=int, default=8192)
+        p.add_argument("--seq", type=int, default=128)
+        p.add_argument("--batch", type=int, default=64, help="blocks per micro-batch")
+        p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+        p.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
+        p.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps before the clock starts")
+        p.add_argument("--device", choices=["cpu", "auto"], default="cpu")
+
+    p = sub.add_parser("decouple", help="local-update pipelines (K processes) vs the single-process backprop step")
+    shape_args(p)
+    p.add_argument("--chunks", type=int, nargs="+", default=[2, 4], help="pipeline sizes K to measure")
+    p.add_argument("--baseline-threads", type=int, default=2, help="also run the baseline with this many threads")
+    p.add_argument("--simulated", action="store_true", help="also time the simulated runtime (1 process)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per configuration (round-robin); best run reported")
+    p.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/decouple-<date>.json)")
+
+    w = sub.add_parser("_worker", help=argparse.SUPPRESS)
+    shape_args(w)
+    w.add_argument("--kind", choices=["backprop", "local"], required=True)
+    w.add_argument("--chunks", type=int, default=1)
+    w.add_argument("--threads", type=int, default=1)
+
+    args = parser.parse_args(argv)
+    if args.suite == "_worker":
+        run_worker(args)
+        return 0
+    results = {"decouple": suite_decouple}[args.suite](args)
+    out = args.out or ROOT / "benchmarks" / f"{args.suite}-{datetime.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
