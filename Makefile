@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean-demo
+.PHONY: venv demo test test-slow bench clean-demo
 
 venv: $(STAMP)
 
@@ -23,7 +23,11 @@ demo: venv
 	$(PY) scripts/demo_check.py runs/tiny
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+# minutes-long statistical runs on the demo corpus (DESIGN §4 decoupling smoke test, ELECTRA dist == sim)
+test-slow: venv
+	$(PY) -m pytest -q -m slow
 
 bench: venv
 	$(PY) scripts/benchmark.py
