@@ -263,8 +263,39 @@ def spread_and_gaps(flat: dict) -> tuple[dict, dict]:
     return spread, gaps
 
 
-def markdown(args, report: dict) -> str:
+def plateau_check(report: dict, out: Path) -> dict:
+    """Per arm: did the held-out loss leave its plateau? MLM-headed models: masked-token loss vs the unigram loss
+    of the same targets (MLM and span infilling); ELECTRA's discriminator: its final validation BCE (from the run's
+    metrics.jsonl) vs the entropy of its base rate of replaced tokens."""
+    import math
+
+    checks = {}
+    for name, result in report["evaluations"].items():
+        if name == "random-init" or "@" in name:
+            continue
+        r = result["generator"] if result.get("kind") == "electra-run" else result
+        prefix = f"{name} (generator)" if result.get("kind") == "electra-run" else name
+        for task in ("mlm", "span_infilling"):
+            if task in r and "unigram_loss" in r[task]:
+                value, plateau = r[task]["loss"], r[task]["unigram_loss"]
+                checks[f"{prefix} {task}"] = {"value": value, "plateau": plateau, "left": plateau - value > 0.1}
+        if result.get("kind") == "electra-run" and (out / name / "metrics.jsonl").is_file():
+            evals = [m for m in read_metrics(out / name) if m.get("split") == "eval" and "disc_loss" in m]
+            if evals:
+                final = evals[-1]
+                p = final["n_replaced"] / final["n_tokens"]
+                entropy = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+                checks[f"{name} discriminator BCE"] = {"value": final["disc_loss"], "plateau": entropy,
+                                                       "left": entropy - final["disc_loss"] > 0.02,
+                                                       "disc_acc_replaced": final.get("disc_acc_replaced")}
+    return checks
+
+
+def markdown(report: dict) -> str:
+    """The RESULTS.md section, from the raw report alone (so `--from-json` can re-render it)."""
     runs, flops, flat = report["runs"], report["flops"], report["flat"]
+    arms, steps = list(report["arms"]), report["steps"]
+    probe = report["evaluations"].get("mlm-seed0", {}).get("probe", {})
     mlm_flops = flops.get("mlm-seed0", {}).get("train_flops_per_step")
     spread, gaps = report["seed_spread"], report["gaps_vs_mlm_seed0"]
     host = report["host"]
@@ -274,18 +305,23 @@ def markdown(args, report: dict) -> str:
              "Other jobs may share the machine: the load column is the mean 1-minute load average during each "
              "run. Command:", "", "```bash", report["command"], "```", "",
              f"Every arm: demo corpus (bible + pydoc + gcide; WordNet glosses are not in it), WordPiece 8192, blocks "
-             f"of 128, **{args.steps} steps × 32 blocks = {args.steps * 32 * 128 / 1e6:.1f}M tokens**, 2 layers × 128 "
+             f"of 128, **{steps} steps × 32 blocks = {steps * 32 * 128 / 1e6:.1f}M tokens**, 2 layers × 128 "
              "(2 heads, FFN 512), lr 2e-3 linear decay, warmup 100, AdamW, no dropout, the objectives' tiny-config "
-             "options (SpanBERT SBO position dim 32; ELECTRA generator 1/4 width, λ = 50). Nothing was tuned per arm.",
+             "options (SpanBERT SBO position dim 32; ELECTRA generator 1/4 width, λ = 50). Nothing was tuned per arm. "
+             "**Equal compute** here means equal steps and tokens; the train FLOPs of one step are measured "
+             "(FlopCounterMode, one real forward + backward, attention on the math kernel) and shown relative to MLM: "
+             "ELECTRA's include its generator and per-token discriminator head, SpanBERT's the SBO head. ELECTRA's "
+             "discriminator has the MLM encoder's size, so it is compared on the probe; its generator (1/4 width) "
+             "is scored separately.",
              "Held-out numbers: the run's validation split "
              f"({report['eval_blocks']} blocks), fixed masks (seed 1234): random-token MLM (15%, 80/10/10) and span "
              "infilling (whole spans of 3–6 words, all [MASK], ≈15% of tokens, every span token predicted in one "
-             f"pass). Probe: WordNet supersense (45 classes), {args.probe_train} train / {args.probe_test} test "
+             f"pass). Probe: WordNet supersense (45 classes), {probe.get('n_train')} train / {probe.get('n_test')} test "
              "glosses, mean-pooled last layer, standardised, logistic regression C = 1 (fixed).", "",
              "| arm | train time (tok/s) | load | train GFLOP/step (× MLM) | MLM loss | MLM acc | span token acc "
              "| exact span | supersense probe acc |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for arm in [*args.arms, "mlm-seed1@seed0-split", "random-init"]:
+    for arm in [*arms, "mlm-seed1@seed0-split", "random-init"]:
         if arm not in flat:
             continue
         f = flat[arm]
@@ -305,10 +341,16 @@ def markdown(args, report: dict) -> str:
             lines.append(f"| electra-seed0 (generator, 1/4 width) | | | | {fmt(f['gen_mlm_loss'])} | "
                          f"{fmt(f['gen_mlm_acc'])} | {fmt(f['gen_span_acc'])} | {fmt(f['gen_span_exact'])} | "
                          f"{fmt(f['gen_probe_acc'])} |")
-    uni = report["evaluations"]["mlm-seed0"]["mlm"] if "mlm-seed0" in report["evaluations"] else {}
-    probe = report["evaluations"].get("mlm-seed0", {}).get("probe", {})
+    uni = report["evaluations"].get("mlm-seed0", {}).get("mlm", {})
+    span_uni = report["evaluations"].get("mlm-seed0", {}).get("span_infilling", {})
     lines.append(f"| unigram / majority baseline | | | | {fmt(uni.get('unigram_loss'))} | {fmt(uni.get('unigram_acc'))} "
-                 f"| | | {fmt(probe.get('majority_acc'))} |")
+                 f"| {fmt(span_uni.get('unigram_acc'))} | | {fmt(probe.get('majority_acc'))} |")
+    plateau = report.get("plateau", {})
+    if plateau:
+        lines += ["", "Left the plateau? (held-out loss below the training-unigram loss of the same tokens; ELECTRA's "
+                  "discriminator: BCE below the entropy of its replaced/original base rate) " + "; ".join(
+                      f"{k}: {v['value']:.3f} vs {v['plateau']:.3f} ({'yes' if v['left'] else 'NO'})"
+                      for k, v in plateau.items()) + "."]
     lines += ["", f"Seed spread (|mlm-seed0 − mlm-seed1|, the larger of ¹ and ²): " + ", ".join(
         f"{m} {fmt(spread[m], 4)}" for m in METRICS if spread.get(m) is not None) + ". Differences to mlm-seed0 in "
         "units of that spread:", ""]
@@ -326,7 +368,7 @@ def markdown(args, report: dict) -> str:
               "98% of the documents and is scored on its own, different 2% (the spread then includes the change of "
               "evaluation set). ² The same model scored on seed 0's validation blocks, most of whose documents were "
               "in its training split (each seen at most once). The probe uses one fixed WordNet split for every arm.",
-              "", *report.get("notes", [])]
+              *[x for note in report.get("notes", []) for x in ("", note)]]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -360,7 +402,20 @@ def main(argv=None) -> int:
                         help="torch threads per run (OMP_NUM_THREADS); 1 avoids oversubscription when other jobs "
                              "share the cores (default: torch's choice)")
     parser.add_argument("--note", action="append", default=[], help="a line added under the table")
+    parser.add_argument("--from-json", type=Path, help="re-render RESULTS.md from a raw objectives-<date>.json (no "
+                                                       "training or evaluation); --note lines replace its notes")
     args = parser.parse_args(argv)
+    if args.from_json:
+        report = json.loads(args.from_json.read_text())
+        report["plateau"] = plateau_check(report, args.out)
+        if args.note:
+            report["notes"] = args.note
+        args.from_json.write_text(json.dumps(report, indent=1) + "\n")
+        text = markdown(report)
+        args.results.mkdir(parents=True, exist_ok=True)
+        write_section(args.results / "RESULTS.md", text)
+        print(text)
+        return 0
     if args.arms[0] != "mlm-seed0" and "mlm-seed0" in args.arms:
         args.arms.remove("mlm-seed0")
         args.arms.insert(0, "mlm-seed0")
@@ -397,11 +452,12 @@ def main(argv=None) -> int:
         "seed_spread": spread, "gaps_vs_mlm_seed0": gaps,
         "seconds": {"training": round(train_done - started, 1), "evaluation": round(time.perf_counter() - train_done, 1),
                     "total": round(time.perf_counter() - started, 1)},
-        "notes": args.note,
+        "probe_train": args.probe_train, "probe_test": args.probe_test, "notes": args.note,
     }
+    report["plateau"] = plateau_check(report, args.out)
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"objectives-{report['date']}.json").write_text(json.dumps(report, indent=1) + "\n")
-    text = markdown(args, report)
+    text = markdown(report)
     write_section(args.results / "RESULTS.md", text)
     print(text)
     print(json.dumps(report["seconds"]))
