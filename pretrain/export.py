@@ -132,11 +132,11 @@ def export_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None,
     weights = load_file(str(path / "model.safetensors"))
     missing, unexpected = holder.load_state_dict(weights, strict=False)
     # a tied tensor (e.g. the MLM decoder = word embeddings) is stored once under one of its names
+    tensors = holder.state_dict(keep_vars=True)
     names_by_tensor: dict[int, set[str]] = {}
-    for name, tensor in holder.state_dict(keep_vars=True).items():
+    for name, tensor in tensors.items():
         names_by_tensor.setdefault(id(tensor), set()).add(name)
-    untied_missing = [k for k in missing
-                      if not any(n in weights for n in names_by_tensor[id(holder.state_dict(keep_vars=True)[k])])]
+    untied_missing = [k for k in missing if not any(n in weights for n in names_by_tensor[id(tensors[k])])]
     if untied_missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the run's model: missing {untied_missing}, "
                          f"unexpected {sorted(unexpected)}")

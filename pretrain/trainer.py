@@ -85,6 +85,15 @@ def prepare_run_dir(cfg: Config, overwrite: bool, is_main: bool) -> Path:
     return out
 
 
+def check_tokenizer(cfg: Config, tokenizer):
+    """Fit the tokenizer to the model (max length = position count) and refuse a vocabulary-size mismatch."""
+    tokenizer.model_max_length = cfg.model.max_position_embeddings
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size != len(tokenizer):
+        raise ValueError(f"model.vocab_size is {cfg.model.vocab_size} but the tokenizer has {len(tokenizer)} tokens; "
+                         "set model.vocab_size to null (use the tokenizer's) or point tokenizer.path at the right one")
+    return tokenizer
+
+
 def make_loader(dataset, collate, micro_batch_size, world, rank, start, stop, num_workers):
     """A DataLoader over this rank's stream positions. Its own generator keeps it from drawing on the global torch
     RNG (which would shift dropout masks after a resume); masking is seeded per sample, not per worker."""
@@ -159,11 +168,7 @@ def fit(cfg: Config, overwrite: bool = False) -> dict:
 
     with accelerator.main_process_first():
         data = prepare_blocks(cfg)
-    tokenizer = data.tokenizer
-    tokenizer.model_max_length = cfg.model.max_position_embeddings
-    if cfg.model.vocab_size is not None and cfg.model.vocab_size != len(tokenizer):
-        raise ValueError(f"model.vocab_size is {cfg.model.vocab_size} but the tokenizer has {len(tokenizer)} tokens; "
-                         "set model.vocab_size to null (use the tokenizer's) or point tokenizer.path at the right one")
+    tokenizer = check_tokenizer(cfg, data.tokenizer)
     objective = get_objective(cfg.objective.name, tokenizer, seed=t.seed, **cfg.objective.options())
     if hasattr(objective, "set_unigram_counts"):
         objective.set_unigram_counts(data.unigram_counts)

@@ -26,3 +26,15 @@ def bible_jsonl(demo_cache_dir) -> Path:
     from pretrain.data import fetch_demo_corpus
 
     return fetch_demo_corpus(demo_cache_dir, ["bible"])["bible"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on 2 shared cores: extra intra-op threads only contend (10-20x slower under load). Use per module
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,12 +21,7 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THRE
 TOPICS = {"animals": WORDS[:9], "magic": WORDS[9:18], "ml": WORDS[27:]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def labelled_rows(n: int, seed: int) -> list[dict]:

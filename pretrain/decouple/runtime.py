@@ -49,7 +49,7 @@ from ..data.stream import StreamDataset, to_device
 from ..export import roundtrip_check
 from ..metrics import MetricsLogger, MetricTracker, peak_flops, train_flops_per_token
 from ..schedules import lr_for
-from ..trainer import VALIDATION_INDEX_OFFSET, build_optimizer, make_loader, prepare_run_dir
+from ..trainer import VALIDATION_INDEX_OFFSET, build_optimizer, check_tokenizer, make_loader, prepare_run_dir
 from .chunks import ChunkedModel
 
 #: message tags: activations (train and eval, in program order), metric dicts, "chunk saved" notes
@@ -545,9 +545,7 @@ def fit_decoupled(cfg: Config, overwrite: bool = False, data=None) -> dict:
         if data is None:
             data = prepare_blocks(cfg)  # from the cache rank 0 just wrote
     tokenizer = data.tokenizer
-    tokenizer.model_max_length = cfg.model.max_position_embeddings
-    if cfg.model.vocab_size is not None and cfg.model.vocab_size != len(tokenizer):
-        raise ValueError(f"model.vocab_size is {cfg.model.vocab_size} but the tokenizer has {len(tokenizer)} tokens")
+    check_tokenizer(cfg, tokenizer)
     model, collator = build_chunked_model(cfg, tokenizer, getattr(data, "unigram_counts", None))
     model.to(device)
     pipeline = Pipeline(model, cfg, layout, device)
