@@ -13,6 +13,8 @@ from objectives.electra import (
     ElectraConfig,
     ElectraObjective,
     ElectraPretrainingModel,
+    _mix32,
+    _words,
     generator_shape,
     gumbel_noise,
     gumbel_sample,
@@ -275,6 +277,44 @@ def test_gumbel_sample_frequencies_match_softmax():
     euler_gamma = 0.5772156649
     assert abs(noise.mean() - euler_gamma) < 4 * math.pi / math.sqrt(6 * noise.numel())
     assert abs(noise.var() - math.pi**2 / 6) < 0.02
+
+
+def reference_lowbias32(x: int) -> int:
+    """lowbias32 on a Python int (exact arithmetic, then reduced modulo 2**32)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_int32_hash_matches_exact_arithmetic():
+    """The int32 tensor hash (wrapping products, masked shifts) equals exact 32-bit arithmetic, all bit patterns."""
+    gen = torch.Generator().manual_seed(0)
+    words = torch.cat([torch.randint(0, 2**32, (5000,), generator=gen, dtype=torch.int64),
+                       torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1])])
+    low, high = _words(words + (words << 32))
+    assert torch.equal(low.long() & 0xFFFFFFFF, words) and torch.equal(high.long() & 0xFFFFFFFF, words)
+    hashed = _mix32(low).long() & 0xFFFFFFFF
+    assert hashed.tolist() == [reference_lowbias32(w) for w in words.tolist()]
+
+
+def test_gumbel_noise_has_no_correlation_across_rows_or_vocabulary():
+    """Pairs of neighbouring rows (next sample index, same position) draw independently: their joint frequencies
+    match p x p within 4 sigma; neighbouring vocabulary entries of a row are uncorrelated (|r| < 4 / sqrt(n))."""
+    logits = torch.tensor([1.0, 0.0, -0.5, 0.5])
+    rows = 40_000
+    index = torch.arange(2 * rows)
+    draws = gumbel_sample(logits.expand(2 * rows, -1), 3, index, torch.full((2 * rows,), 9)).view(rows, 2)
+    joint = torch.bincount(draws[:, 0] * 4 + draws[:, 1], minlength=16).double() / rows
+    p = torch.softmax(logits.double(), -1)
+    p2 = (p[:, None] * p[None, :]).flatten()
+    assert ((joint - p2).abs() <= 4 * (p2 * (1 - p2) / rows).sqrt()).all(), (joint, p2)
+
+    noise = gumbel_noise(5, torch.arange(500), torch.arange(500) % 128, 400).double()
+    for a, b in ((noise[:, :-1], noise[:, 1:]), (noise[:-1], noise[1:])):
+        r = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]
+        assert abs(r) < 4 / math.sqrt(a.numel()), r
 
 
 def test_gumbel_noise_is_a_function_of_seed_index_and_position(tokenizer):
