@@ -109,7 +109,8 @@ def roundtrip_check(
 
 def export_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None, out: str | Path | None = None) -> Path:
     """Rebuild the model of a pretraining run, load a checkpoint's weights and export it with the objective's
-    ``export`` (the same as the end of training). Returns the export directory."""
+    ``export`` (the same as the end of training; decoupled runs go to ``pretrain.decouple.export_run``). Returns
+    the export directory."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
@@ -122,6 +123,10 @@ def export_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None,
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a pretraining run (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
+    if cfg.decouple.mode != "none":  # chunked checkpoints: stitched back into one model
+        from .decouple import export_run
+
+        return export_run(run_dir, checkpoint, out)
     path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir / "checkpoints")
     if path is None or not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"no complete checkpoint to export under {run_dir / 'checkpoints'}")

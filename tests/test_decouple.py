@@ -329,6 +329,21 @@ def test_export_is_the_stitched_model_and_loads_in_a_fresh_process(distributed_r
     assert torch.equal(aux["aux.0.decoder.weight"], model.aux[0].decoder.weight)
 
 
+def test_export_command_stitches_a_decoupled_checkpoint(distributed_run, tmp_path):
+    """``pretrain-export RUN`` on a decoupled run writes the same stitched model as the end of training."""
+    from pretrain.cli import export_main
+
+    assert export_main([str(distributed_run), "--out", str(tmp_path / "again")]) == 0
+    final = load_file(str(distributed_run / "export" / "model.safetensors"))
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
+    older = distributed_run / "checkpoints" / "step-4"
+    assert export_main([str(distributed_run), "--checkpoint", str(older), "--out", str(tmp_path / "old")]) == 0
+    old = load_file(str(tmp_path / "old" / "model.safetensors"))
+    assert not torch.equal(old["bert.encoder.layer.0.attention.self.query.weight"],
+                           final["bert.encoder.layer.0.attention.self.query.weight"])
+
+
 def descendants(pid: int) -> list[int]:
     """All live descendants of ``pid`` (Linux /proc), children first."""
     children: dict[int, list[int]] = {}
