@@ -1,8 +1,20 @@
 """Benchmarks. Each suite prints one JSON line per configuration and writes them to benchmarks/<suite>-<date>.json.
 
     python scripts/benchmark.py decouple [--chunks 2 4] [--steps 30] ...
+    python scripts/benchmark.py step --preset bert-base --seq 128 --batch 256 --objective mlm ...
 
 Suites (subcommands):
+
+* ``step``: DESIGN.md §6. One optimizer step of the stock ``transformers`` recipe a user would write (the
+  baseline: ``BertForMaskedLM(labels=...)`` / ``ElectraForMaskedLM`` + ``ElectraForPreTraining`` with
+  full-vocabulary logits, SDPA, AdamW (fused on CUDA), clip 1.0, bf16 autocast on CUDA, ``torch.compile`` with
+  ``--compile``) against the trainer's step on the same model shape, batch and precision (the objective's sparse
+  heads, ``accumulate_gradients``, the same optimizer). Both run in one process, round-robin, on random-token
+  batches masked off the clock; warm-up steps are excluded; CUDA is synchronised around the timed steps; the step
+  time is the median over ``--repeat`` rounds. Each row: device, versions, tok/s, step ms, MFU (see
+  ``pretrain.metrics.train_flops_per_token``: 6·N + 12·layers·hidden·seq FLOPs per token, N the non-embedding
+  parameters of the encoder(s); null on CPUs), peak memory (CUDA only; null on CPU) and ``ratio`` = our tok/s over
+  the baseline's. The first step's loss of both is recorded from identical weights: the MLM losses must agree.
 
 * ``decouple``: DESIGN.md §4 invariant (4). Local-update pipelines of K processes (``torchrun``, gloo on CPU /
   NCCL on GPU, one thread per process on CPU) against the single-process backprop step of the trainer
@@ -47,6 +59,10 @@ class RandomTokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+    def get_vocab(self) -> dict[str, int]:
+        """Made-up tokens, every one a word start (no "##" pieces)."""
+        return {f"t{i}": i for i in range(self.vocab_size)}
 
 
 def bench_config(args, chunks: int):
@@ -249,6 +265,210 @@ def suite_decouple(args) -> list[dict]:
     return summary + rows
 
 
+# --------------------------------------------------------------------------- step suite (DESIGN.md §6)
+
+PRESETS = {
+    # name: (hidden, layers, heads, intermediate, vocab, embedding_size)
+    "tiny": (64, 2, 2, 256, 1000, None),
+    "bert-base": (768, 12, 12, 3072, 30522, None),
+    "electra-small": (256, 12, 4, 1024, 30522, 128),
+}
+
+
+BASELINES = {
+    "mlm": "stock BertForMaskedLM(labels=...) (full-vocabulary logits), clip, AdamW",
+    "span": "stock BertForMaskedLM(labels=...) on the span-masked batch; no SBO head (transformers has none), so "
+            "the ratio understates ours, which also computes the SBO loss",
+    "electra": "StockElectra: ElectraForMaskedLM(labels=...) full logits, torch.multinomial replacements, "
+               "ElectraForPreTraining(labels=...), clip, AdamW",
+}
+
+
+def step_config(args, objective: str, device):
+    from pretrain.config import config_from_dict
+
+    hidden, layers, heads, intermediate, _, embedding = PRESETS[args.preset]
+    return config_from_dict({
+        "output_dir": "unused",
+        "data": {"files": ["random-tokens"], "block_size": args.seq, "num_workers": 0},
+        "model": {"hidden_size": hidden, "num_layers": layers, "num_heads": heads,
+                  "intermediate_size": intermediate, "max_position_embeddings": max(512, args.seq),
+                  "embedding_size": embedding, "hidden_dropout": 0.1, "attention_dropout": 0.1},
+        "objective": {"name": objective},
+        "train": {"micro_batch_size": args.batch, "max_steps": 10 ** 6, "lr": 1e-4, "warmup_steps": 0,
+                  "schedule": "constant", "device": device.type,
+                  "precision": "bf16" if device.type == "cuda" else "fp32"},
+        "log": {"tensorboard": False},
+    })
+
+
+def random_blocks(n: int, batch: int, seq: int, vocab: int) -> list[list[dict]]:
+    """``n`` micro-batches of ``batch`` random blocks [CLS] ... [SEP] with their stream indices."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    return [[{"input_ids": [2, *torch.randint(5, vocab, (seq - 2,), generator=gen).tolist(), 3],
+              "index": t * batch + i} for i in range(batch)] for t in range(n)]
+
+
+class StockElectra:
+    """The ELECTRA step a user writes with the stock classes: full [B, L, V] generator logits through
+    ``ElectraForMaskedLM(labels=...)``, replacements drawn with ``torch.multinomial`` from the softmax at the
+    masked positions (no gradient), ``ElectraForPreTraining(labels=replaced)``; loss = gen + 50 * disc."""
+
+    def __init__(self, ours):
+        self.generator, self.discriminator = ours.generator, ours.discriminator
+
+    def parameters(self):
+        return list({id(p): p for m in (self.generator, self.discriminator) for p in m.parameters()}.values())
+
+    def loss(self, batch: dict):
+        import torch
+
+        gen_out = self.generator(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 labels=batch["labels"])
+        selected = batch["labels"] != -100
+        with torch.no_grad():
+            probs = torch.softmax(gen_out.logits[selected].float(), -1)
+            sampled = torch.multinomial(probs, 1).squeeze(1)
+        disc_ids = batch["original_ids"].clone()
+        disc_ids[selected] = sampled
+        replaced = (disc_ids != batch["original_ids"]).long()
+        disc_out = self.discriminator(input_ids=disc_ids, attention_mask=batch["attention_mask"], labels=replaced)
+        return gen_out.loss + 50.0 * disc_out.loss, gen_out.loss
+
+
+def step_arms(args, objective_name: str, device):
+    """The two arms (baseline, ours) on the same initial weights: dicts with ``step`` (one optimizer step on a
+    micro-batch), ``first_loss`` (the MLM/generator loss of a batch before any update) and ``modules``."""
+    import contextlib
+    import copy
+
+    import torch
+
+    from objectives import get_objective
+    from pretrain.data.stream import to_device
+    from pretrain.trainer import PretrainModule, accumulate_gradients, build_optimizer
+
+    from accelerate import Accelerator
+
+    cfg = step_config(args, objective_name, device)
+    vocab = PRESETS[args.preset][4]
+    tok = RandomTokenizer(vocab)
+    torch.manual_seed(0)
+    objective = get_objective(objective_name, tok, seed=0, **cfg.objective.options())
+    if hasattr(objective, "set_unigram_counts"):
+        objective.set_unigram_counts(torch.ones(vocab))
+    model = objective.build_model(cfg.model)
+    stock = copy.deepcopy(model)  # identical initial weights
+    accelerator = Accelerator(cpu=device.type == "cpu",
+                              mixed_precision="bf16" if cfg.train.precision == "bf16" else "no")
+    module = PretrainModule(model, objective)
+    optimizer = build_optimizer(module, cfg.train, device.type)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    if objective_name == "electra":
+        baseline_model = StockElectra(stock)
+        for m in (stock.generator, stock.discriminator):
+            m.to(device)
+        parameters = baseline_model.parameters()
+        baseline_loss = baseline_model.loss
+    else:
+        stock.to(device)
+        parameters = list(stock.parameters())
+
+        def baseline_loss(batch):
+            out = stock(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            return out.loss, out.loss
+
+    if args.compile:
+        baseline_loss = torch.compile(baseline_loss)
+    baseline_opt = torch.optim.AdamW(parameters, lr=1e-4, eps=1e-6, weight_decay=0.01,
+                                     fused=device.type == "cuda" or None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.train.precision == "bf16"
+                else contextlib.nullcontext())
+
+    def baseline_step(batch):
+        batch = to_device(batch, device)
+        with autocast:
+            loss, _ = baseline_loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        baseline_opt.step()
+        baseline_opt.zero_grad(set_to_none=True)
+
+    def our_step(batch):
+        accumulate_gradients(module, objective, [batch], accelerator)
+        accelerator.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def first_losses(batch):
+        """Both arms' MLM (generator) loss on ``batch`` in eval mode (no dropout), before any update."""
+        with torch.no_grad():
+            stock.eval(), module.eval()
+            with autocast:
+                base = float(baseline_loss(to_device(batch, device))[1])
+                out = module(to_device(batch, device))
+            stock.train(), module.train()
+        key = {"mlm": "mlm_loss", "span": "mlm_loss", "electra": "gen_loss"}[objective_name]
+        return base, float(out[key])
+
+    stock_encoders = [stock.generator, stock.discriminator] if objective_name == "electra" else [stock]
+    n_params = sum(p.numel() for m in stock_encoders for n, p in m.named_parameters() if "embeddings" not in n)
+    return cfg, objective, {"baseline": baseline_step, "ours": our_step}, first_losses, n_params
+
+
+def suite_step(args) -> list[dict]:
+    import statistics
+
+    import torch
+
+    from pretrain.metrics import peak_flops, train_flops_per_token
+
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    env = environment(args)
+    rows = []
+    for objective_name in args.objective:
+        cfg, objective, steps, first_losses, n_params = step_arms(args, objective_name, device)
+        batches = [objective.collate(b) for b in random_blocks(8, args.batch, args.seq, PRESETS[args.preset][4])]
+        loss_baseline, loss_ours = first_losses(batches[0])
+        times: dict[str, list[float]] = {arm: [] for arm in steps}
+        peaks: dict[str, float | None] = {arm: None for arm in steps}
+        for arm, fn in steps.items():  # warm-up (and compilation) off the clock
+            for s in range(args.warmup):
+                fn(batches[s % len(batches)])
+        for _ in range(args.repeat):
+            for arm, fn in steps.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                for s in range(args.steps):
+                    fn(batches[s % len(batches)])
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    peaks[arm] = max(peaks[arm] or 0.0, torch.cuda.max_memory_allocated() / 2 ** 20)
+                times[arm].append((time.perf_counter() - start) / args.steps)
+        tokens = args.batch * args.seq
+        flops = tokens * train_flops_per_token(n_params, cfg.model.num_layers, cfg.model.hidden_size, args.seq)
+        peak = peak_flops(env["device"])
+        step_s = {arm: statistics.median(ts) for arm, ts in times.items()}
+        for arm in steps:
+            row = {"suite": "step", "arm": arm, "what": BASELINES[objective_name] if arm == "baseline" else
+                   "the trainer's step (objective's sparse heads, accumulate_gradients, clip, AdamW)",
+                   "objective": objective_name, "preset": args.preset,
+                   "seq": args.seq, "batch": args.batch, "precision": cfg.train.precision,
+                   "compile_baseline": bool(args.compile), "tok_per_s": tokens / step_s[arm],
+                   "step_ms": 1000 * step_s[arm], "step_ms_rounds": [1000 * t for t in times[arm]],
+                   "mfu": flops / step_s[arm] / peak if peak else None, "peak_mem_mb": peaks[arm],
+                   "ratio": step_s["baseline"] / step_s[arm], "first_mlm_loss": loss_baseline if arm == "baseline"
+                   else loss_ours, "threads": args.threads, **env}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="suite", required=True)
@@ -273,6 +493,19 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="runs per configuration (round-robin); best run reported")
     p.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/decouple-<date>.json)")
 
+    st = sub.add_parser("step", help="the trainer's step vs the stock transformers step, same process")
+    st.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shape (see PRESETS)")
+    st.add_argument("--objective", nargs="+", choices=["mlm", "span", "electra"], default=["mlm"])
+    st.add_argument("--seq", type=int, default=128)
+    st.add_argument("--batch", type=int, default=8, help="blocks per step")
+    st.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    st.add_argument("--warmup", type=int, default=3, help="untimed steps per arm before the rounds")
+    st.add_argument("--repeat", type=int, default=3, help="rounds (median step time reported)")
+    st.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (CPU)")
+    st.add_argument("--compile", action="store_true", help="torch.compile the baseline's loss function")
+    st.add_argument("--device", choices=["cpu", "auto"], default="auto")
+    st.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/step-<date>.json)")
+
     w = sub.add_parser("_worker", help=argparse.SUPPRESS)
     shape_args(w)
     w.add_argument("--kind", choices=["backprop", "local"], required=True)
@@ -283,7 +516,7 @@ def main(argv=None) -> int:
     if args.suite == "_worker":
         run_worker(args)
         return 0
-    results = {"decouple": suite_decouple}[args.suite](args)
+    results = {"decouple": suite_decouple, "step": suite_step}[args.suite](args)
     out = args.out or ROOT / "benchmarks" / f"{args.suite}-{datetime.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
