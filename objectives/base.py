@@ -115,6 +115,33 @@ class Objective(nn.Module):
         return batch
 
     # ---------------------------------------------------------------- loss helpers
+    #: fast path (``pretrain.fast``): gather predicted positions into a fixed number of rows, no host sync
+    static_shapes: bool = False
+
+    def max_selected(self, block_len: int) -> int | None:
+        """An upper bound on the tokens selected for prediction in one block of ``block_len`` tokens, if the masking
+        guarantees one (static counts); ``None`` for Bernoulli selection (the count is then unbounded)."""
+        return None
+
+    def gather_index(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat indices [M] into ``mask.flatten()`` of its True entries, in row-major order (the order of
+        ``x[mask]``), and ``valid`` [M] bool. Dynamic: M = mask.sum() (a host sync), all valid. With
+        ``static_shapes`` and a ``max_selected`` bound: M = B * bound, a constant for the block shape, computed with
+        ``torch.nonzero_static`` (no sync); the trailing rows point at index 0 and are not valid."""
+        flat = mask.flatten()
+        bound = self.max_selected(mask.shape[-1]) if self.static_shapes else None
+        if bound is None:
+            index = torch.nonzero(flat).squeeze(1)
+            return index, torch.ones_like(index, dtype=torch.bool)
+        size = bound * (flat.numel() // mask.shape[-1])
+        index = torch.nonzero_static(flat, size=size, fill_value=0).squeeze(1)
+        return index, torch.arange(size, device=flat.device) < flat.sum()
+
+    @staticmethod
+    def gather_targets(labels: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """labels [B, L] at the flat ``index`` [M]; IGNORE_INDEX where not ``valid`` (ignored by the loss sums)."""
+        return torch.where(valid, labels.flatten()[index], IGNORE_INDEX)
+
     def counts(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Normaliser counts of this batch, from the collated tensors alone (no forward pass)."""
         raise NotImplementedError
@@ -147,7 +174,8 @@ class Objective(nn.Module):
 
     @staticmethod
     def masked_lm_sums(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed cross-entropy (in fp32) and number of correct argmax predictions; logits [M, V], targets [M]."""
+        """Summed cross-entropy (in fp32) and number of correct argmax predictions; logits [M, V], targets [M]
+        (rows with target IGNORE_INDEX add nothing to either)."""
         loss = F.cross_entropy(logits.float(), targets, reduction="sum")
         correct = (logits.detach().argmax(-1) == targets).sum()
         return loss, correct

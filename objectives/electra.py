@@ -252,54 +252,65 @@ class ElectraObjective(Objective):
     def sample(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor], selected: torch.Tensor) -> torch.Tensor:
         """Replacement tokens [M] for the masked positions ``selected`` [B, L] (row-major order) from ``logits``
         [M, V]: Gumbel-max at ``temperature``, fp32, no gradient, noise keyed by (seed, sample index, position)."""
+        return self.sample_at(logits, batch, torch.nonzero(selected.flatten()).squeeze(1), selected.shape[1])
+
+    def sample_at(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor], index: torch.Tensor,
+                  block_len: int) -> torch.Tensor:
+        """:meth:`sample` for the flat positions ``index`` [M] into [B, L] blocks of ``block_len`` tokens."""
         if "sample_index" not in batch:
             raise KeyError("the ELECTRA batch has no 'sample_index'; build batches with ElectraObjective.collate")
-        rows, positions = torch.nonzero(selected, as_tuple=True)
-        sample_index = batch["sample_index"].to(logits.device)[rows]
-        return gumbel_sample(logits.detach(), self.seed, sample_index, positions, self.config.temperature)
+        sample_index = batch["sample_index"].to(logits.device)[index // block_len]
+        return gumbel_sample(logits.detach(), self.seed, sample_index, index % block_len, self.config.temperature)
+
+    def max_selected(self, block_len: int) -> int:
+        """round(mask_ratio * L): the static count of a full block (a block with n <= L candidates masks fewer)."""
+        return round(self.config.mask_ratio * block_len)
 
     def loss_sums(self, model: ElectraPretrainingModel, batch: Mapping[str, torch.Tensor]):
         """The step's summed losses (with graph), counts, per-batch metrics and detached internals.
 
         Returns ``(sums, counts, metrics, aux)``: sums {gen_loss, disc_loss}; counts {n_masked, n_tokens,
         n_replaced, n_original}; metrics {gen_acc, disc_acc, disc_acc_replaced, disc_acc_original, replaced_frac};
-        aux {sampled [M], disc_input_ids [B, L], replaced [B, L] bool, disc_logits [B, L]}."""
+        aux {sampled [M], sampled_valid [M] bool (False on padding rows of ``static_shapes``), disc_input_ids
+        [B, L], replaced [B, L] bool, disc_logits [B, L]}."""
         attention_mask = batch["attention_mask"]
         selected = batch["labels"] != IGNORE_INDEX
-        targets = batch["labels"][selected]
+        index, valid = self.gather_index(selected)  # [M] flat positions (M fixed under static_shapes)
 
         # generator: sparse MLM head on the M masked positions
         generator = model.generator
         hidden = generator.electra(input_ids=batch["input_ids"], attention_mask=attention_mask).last_hidden_state
-        logits = generator.generator_lm_head(generator.generator_predictions(hidden[selected]))  # [M, V]
-        gen_sum, gen_correct = self.masked_lm_sums(logits, targets)
+        logits = generator.generator_lm_head(generator.generator_predictions(hidden.flatten(0, 1)[index]))  # [M, V]
+        gen_sum, gen_correct = self.masked_lm_sums(logits, self.gather_targets(batch["labels"], index, valid))
 
         # corrupt the block with the generator's samples; an integer sample carries no gradient back
-        sampled = self.sample(logits, batch, selected)
+        sampled = self.sample_at(logits, batch, index, selected.shape[1])
         original = batch["original_ids"]
-        disc_ids = original.clone()
-        disc_ids[selected] = sampled
+        flat = original.flatten()
+        # add (sample - original) at the valid positions; padding rows add 0 (their index 0 may repeat)
+        delta = torch.where(valid, sampled - flat[index], 0)
+        disc_ids = (flat + torch.zeros_like(flat).index_put_((index,), delta, accumulate=True)).view_as(original)
         replaced = disc_ids != original  # a sampled original token counts as "original"
 
-        # discriminator: binary cross-entropy on every non-pad position
+        # discriminator: binary cross-entropy on every non-pad position (masked sums: no data-dependent shapes)
         disc_logits = model.discriminator(input_ids=disc_ids, attention_mask=attention_mask).logits  # [B, L]
-        valid = attention_mask.bool()
-        valid_logits, valid_labels = disc_logits[valid].float(), replaced[valid]
-        disc_sum = F.binary_cross_entropy_with_logits(valid_logits, valid_labels.float(), reduction="sum")
-        correct = (valid_logits.detach() > 0) == valid_labels
+        non_pad = attention_mask.bool()
+        bce = F.binary_cross_entropy_with_logits(disc_logits.float(), replaced.float(), reduction="none")
+        disc_sum = torch.where(non_pad, bce, 0.0).sum()
+        correct = ((disc_logits.detach() > 0) == replaced) & non_pad  # padding is never replaced
 
-        n_masked, n_tokens = selected.sum(), valid.sum()
-        n_replaced = valid_labels.sum()
+        n_masked, n_tokens = selected.sum(), non_pad.sum()
+        n_replaced = replaced.sum()
         n_original = n_tokens - n_replaced
         counts = {"n_masked": n_masked, "n_tokens": n_tokens, "n_replaced": n_replaced, "n_original": n_original}
         metrics = {
             "gen_acc": gen_correct / n_masked.clamp(min=1),
             "disc_acc": correct.sum() / n_tokens.clamp(min=1),
-            "disc_acc_replaced": (correct & valid_labels).sum() / n_replaced.clamp(min=1),
-            "disc_acc_original": (correct & ~valid_labels).sum() / n_original.clamp(min=1),
+            "disc_acc_replaced": (correct & replaced).sum() / n_replaced.clamp(min=1),
+            "disc_acc_original": (correct & ~replaced).sum() / n_original.clamp(min=1),
             "replaced_frac": n_replaced / n_masked.clamp(min=1),
         }
-        aux = {"sampled": sampled, "disc_input_ids": disc_ids, "replaced": replaced,
+        aux = {"sampled": sampled, "sampled_valid": valid, "disc_input_ids": disc_ids, "replaced": replaced,
                "disc_logits": disc_logits.detach()}
         return {"gen_loss": gen_sum, "disc_loss": disc_sum}, counts, metrics, aux
 

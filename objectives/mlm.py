@@ -137,16 +137,21 @@ class MLMObjective(Objective):
 
     def forward(self, model: nn.Module, batch: Mapping[str, torch.Tensor], normalizers=None) -> dict:
         """model: ``BertForMaskedLM``. Hidden states [B, L, H] are gathered at the M labelled positions before the
-        prediction head, giving [M, V] logits."""
+        prediction head, giving [M, V] logits (M fixed by the block shape under ``static_shapes``)."""
         hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
         selected = batch["labels"] != IGNORE_INDEX
-        targets = batch["labels"][selected]
-        logits = model.cls(hidden[selected])
-        loss_sum, correct = self.masked_lm_sums(logits, targets)
+        index, valid = self.gather_index(selected)
+        logits = model.cls(hidden.flatten(0, 1)[index])
+        loss_sum, correct = self.masked_lm_sums(logits, self.gather_targets(batch["labels"], index, valid))
         counts = {"n_masked": selected.sum()}
         return self.reduce(
             {"mlm_loss": loss_sum}, counts, normalizers, {"mlm_acc": correct / counts["n_masked"].clamp(min=1)}
         )
+
+    def max_selected(self, block_len: int) -> int | None:
+        """round(mask_ratio * L) with ``static_count`` (at most that many of the block's n <= L candidates; whole
+        words never overshoot the budget); None for Bernoulli selection."""
+        return round(self.config.mask_ratio * block_len) if self.config.static_count else None
 
     # ---------------------------------------------------------------- model / export
     def build_model(self, model_config) -> nn.Module:

@@ -363,14 +363,20 @@ class SpanObjective(MLMObjective):
     def counts(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"n_masked": (batch["labels"] != IGNORE_INDEX).sum(), "n_sbo": (batch["sbo_pos"] >= 0).sum()}
 
-    @staticmethod
-    def sbo_inputs(hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]):
-        """Gather the M tokens with an SBO term: left/right boundary states [M, H], positions [M], targets [M]."""
-        valid = batch["sbo_pos"] >= 0
-        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(valid)[valid]
-        left = hidden[rows, batch["sbo_left"][valid]]
-        right = hidden[rows, batch["sbo_right"][valid]]
-        return left, right, batch["sbo_pos"][valid], batch["labels"][valid]
+    def max_selected(self, block_len: int) -> int:
+        """The masking budget of a full block, ceil(mask_ratio * L): no block masks more (SBO tokens are a subset)."""
+        return self.config.budget(block_len)
+
+    def sbo_inputs(self, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]):
+        """Gather the M tokens with an SBO term: left/right boundary states [M, H], positions [M], targets [M]
+        (IGNORE_INDEX on the padding rows of ``static_shapes``; their positions are clamped to 0)."""
+        index, valid = self.gather_index(batch["sbo_pos"] >= 0)
+        length = hidden.shape[1]
+        rows = index // length
+        left = hidden[rows, batch["sbo_left"].flatten()[index].clamp(min=0)]
+        right = hidden[rows, batch["sbo_right"].flatten()[index].clamp(min=0)]
+        positions = batch["sbo_pos"].flatten()[index].clamp(min=0)
+        return left, right, positions, self.gather_targets(batch["labels"], index, valid)
 
     def forward(self, model: nn.Module, batch: Mapping[str, torch.Tensor], normalizers=None) -> dict:
         """model: ``BertForMaskedLM``. MLM logits [n_masked, V] and SBO logits [n_sbo, V] are computed only at the
@@ -379,7 +385,9 @@ class SpanObjective(MLMObjective):
             raise RuntimeError("call build_model() first: it creates the SBO head")
         hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
         selected = batch["labels"] != IGNORE_INDEX
-        mlm_sum, mlm_correct = self.masked_lm_sums(model.cls(hidden[selected]), batch["labels"][selected])
+        index, valid = self.gather_index(selected)
+        mlm_sum, mlm_correct = self.masked_lm_sums(model.cls(hidden.flatten(0, 1)[index]),
+                                                   self.gather_targets(batch["labels"], index, valid))
         left, right, positions, targets = self.sbo_inputs(hidden, batch)
         sbo_logits = self.sbo_head(left, right, positions, model.bert.embeddings.word_embeddings.weight)
         sbo_sum, sbo_correct = self.masked_lm_sums(sbo_logits, targets)

@@ -99,6 +99,9 @@ class ModelConfig:
     """Expected vocabulary size (null = the tokenizer's); a mismatch with the tokenizer is an error."""
     embedding_size: int | None = None
     """ELECTRA only: embedding width (null = hidden_size); an embedding projection maps it to the hidden size."""
+    fast: bool | None = None
+    """Fast path (pretrain/fast.py): static-shape prediction heads and torch.compile'd encoders, same parameters
+    and exports. null = on when training on CUDA."""
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:

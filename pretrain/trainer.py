@@ -24,6 +24,7 @@ from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, sav
 from .config import Config, config_differences, config_to_dict, save_config
 from .data.stream import StreamBatchSampler, StreamDataset, to_device
 from .export import roundtrip_check, unwrap
+from .fast import apply_fast_path, fast_enabled
 from .metrics import MetricsLogger, MetricTracker, peak_flops, train_flops_per_token
 from .schedules import apply_schedule
 
@@ -174,6 +175,8 @@ def fit(cfg: Config, overwrite: bool = False) -> dict:
         objective.set_unigram_counts(data.unigram_counts)
     model = objective.build_model(cfg.model)
     collator = copy.deepcopy(objective)  # a CPU copy for DataLoader workers; the trained one moves to the device
+    if fast_enabled(cfg.model, accelerator.device):  # static-shape heads, compiled encoders (pretrain/fast.py)
+        apply_fast_path(model, objective, cfg.data.block_size)
     module = PretrainModule(model, objective)
     optimizer = build_optimizer(module, t, accelerator.device.type)
     module, optimizer = accelerator.prepare(module, optimizer)

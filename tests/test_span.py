@@ -441,9 +441,9 @@ def test_export_round_trip(tok, short_examples, tmp_path):
     head = load_sbo_head(out_dir)
     with torch.no_grad():
         hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        ref = obj.sbo_head(*SpanObjective.sbo_inputs(hidden, batch)[:3], model.get_input_embeddings().weight)
+        ref = obj.sbo_head(*obj.sbo_inputs(hidden, batch)[:3], model.get_input_embeddings().weight)
         hidden2 = loaded.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        got = head(*SpanObjective.sbo_inputs(hidden2, batch)[:3], loaded.get_input_embeddings().weight)
+        got = head(*obj.sbo_inputs(hidden2, batch)[:3], loaded.get_input_embeddings().weight)
         span = head.predict_span(hidden2[0], 3, 5, loaded.get_input_embeddings().weight)
         span_ref = obj.sbo_head.predict_span(hidden[0], 3, 5, model.get_input_embeddings().weight)
     assert got.shape[0] > 0 and torch.allclose(got, ref, atol=1e-6)

@@ -1,0 +1,110 @@
+"""The fast path: static-shape gathers give the eager losses and gradients; compiled encoders keep names and logits."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from helpers import make_tokenizer, packed_examples, tiny_model_config
+from objectives import get_objective
+from pretrain.config import ModelConfig
+from pretrain.fast import apply_fast_path, fast_enabled
+
+OPTIONS = {"mlm": {"static_count": True}, "span": {"sbo_position_dim": 8}, "electra": {}}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def batch_with_a_short_block(tokenizer, objective):
+    """Six full blocks of 32 and one of 20 (padded): fewer masked tokens than the static bound in that row."""
+    examples = packed_examples(tokenizer, 7, length=32)
+    examples[3] = packed_examples(tokenizer, 1, length=20, seed=3)[0]
+    for i, e in enumerate(examples):
+        e["index"] = i
+    return objective.collate(examples)
+
+
+@pytest.mark.parametrize("name", ["mlm", "span", "electra"])
+def test_static_shapes_give_the_dynamic_losses_metrics_and_gradients(tokenizer, name):
+    objective = get_objective(name, tokenizer, seed=0, **OPTIONS[name])
+    if name == "span":
+        objective.set_unigram_counts(torch.ones(len(tokenizer)))
+    torch.manual_seed(0)
+    model = objective.build_model(tiny_model_config()).eval()  # no dropout: both passes see the same network
+    batch = batch_with_a_short_block(tokenizer, objective)
+    static_objective = copy.deepcopy(objective)
+    static_objective.static_shapes = True
+    static_model = copy.deepcopy(model)
+
+    results = []
+    for obj, m in ((objective, model), (static_objective, static_model)):
+        out = obj(m, batch)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        grads.update({f"objective.{n}": p.grad.clone() for n, p in obj.named_parameters() if p.grad is not None})
+        results.append((out, grads))
+    (dyn, dyn_grads), (stat, stat_grads) = results
+    assert set(dyn) == set(stat)
+    for key in dyn:
+        torch.testing.assert_close(stat[key].float(), dyn[key].float(), rtol=1e-6, atol=1e-6, msg=key)
+    assert dyn_grads.keys() == stat_grads.keys() and dyn_grads
+    for key in dyn_grads:
+        torch.testing.assert_close(stat_grads[key], dyn_grads[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_static_index_pads_to_the_bound_and_marks_padding_invalid(tokenizer):
+    objective = get_objective("electra", tokenizer, seed=0)
+    objective.static_shapes = True
+    batch = batch_with_a_short_block(tokenizer, objective)
+    selected = batch["labels"] != -100
+    index, valid = objective.gather_index(selected)
+    bound = objective.max_selected(32)
+    assert bound == round(0.15 * 32) and index.shape == valid.shape == (7 * bound,)
+    assert int(valid.sum()) == int(selected.sum()) < 7 * bound  # the short block masks fewer
+    assert torch.equal(index[valid], torch.nonzero(selected.flatten()).squeeze(1))
+    _, _, _, aux = objective.loss_sums(objective.build_model(tiny_model_config()), batch)
+    assert torch.equal(aux["disc_input_ids"][selected], aux["sampled"][aux["sampled_valid"]])
+    assert torch.equal(aux["disc_input_ids"][~selected], batch["original_ids"][~selected])
+
+
+def test_bernoulli_mlm_has_no_bound_and_stays_dynamic(tokenizer):
+    objective = get_objective("mlm", tokenizer, seed=0)
+    assert objective.max_selected(32) is None
+    objective.static_shapes = True
+    selected = torch.zeros(2, 8, dtype=torch.bool)
+    selected[0, 3] = selected[1, 5] = True
+    index, valid = objective.gather_index(selected)
+    assert index.tolist() == [3, 13] and valid.all()
+
+
+def test_fast_defaults_to_cuda_only():
+    assert fast_enabled(ModelConfig(), torch.device("cuda")) and not fast_enabled(ModelConfig(), torch.device("cpu"))
+    assert fast_enabled(ModelConfig(fast=True), torch.device("cpu"))
+    assert not fast_enabled(ModelConfig(fast=False), torch.device("cuda"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mlm", "electra"])
+def test_compiled_encoders_keep_names_losses_and_export_logits(tokenizer, name, tmp_path, one_thread):
+    """torch.compile on CPU (inductor + the system C++ compiler): about a minute per model, hence slow."""
+    from pretrain.export import roundtrip_check
+
+    objective = get_objective(name, tokenizer, seed=0, **OPTIONS[name])
+    torch.manual_seed(0)
+    model = objective.build_model(tiny_model_config()).eval()
+    batch = batch_with_a_short_block(tokenizer, objective)
+    eager = objective(model, batch)["loss"]
+    names = list(model.state_dict())
+    apply_fast_path(model, objective, 32)
+    compiled = objective(model, batch)["loss"]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert list(model.state_dict()) == names
+    objective.export(model, tmp_path / "export", tokenizer)
+    for path, auto_class, reference in objective.export_targets(model, tmp_path / "export"):
+        assert roundtrip_check(path, auto_class, reference, batch["input_ids"], batch["attention_mask"],
+                               atol=1e-4)["max_abs_err"] <= 1e-4
