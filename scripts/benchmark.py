@@ -15,6 +15,8 @@ Suites (subcommands):
   ``pretrain.metrics.train_flops_per_token``: 6·N + 12·layers·hidden·seq FLOPs per token, N the non-embedding
   parameters of the encoder(s); null on CPUs), peak memory (CUDA only; null on CPU) and ``ratio`` = our tok/s over
   the baseline's. The first step's loss of both is recorded from identical weights: the MLM losses must agree.
+  Our arm uses the fast path (``--fast``, ``model.fast``: static-shape heads + compiled encoders) by default on
+  CUDA only; masking uses a static count per block for both arms (BERT's reference pipeline does the same).
 
 * ``decouple``: DESIGN.md §4 invariant (4). Local-update pipelines of K processes (``torchrun``, gloo on CPU /
   NCCL on GPU, one thread per process on CPU) against the single-process backprop step of the trainer
@@ -294,7 +296,8 @@ def step_config(args, objective: str, device):
         "model": {"hidden_size": hidden, "num_layers": layers, "num_heads": heads,
                   "intermediate_size": intermediate, "max_position_embeddings": max(512, args.seq),
                   "embedding_size": embedding, "hidden_dropout": 0.1, "attention_dropout": 0.1},
-        "objective": {"name": objective},
+        # a static masked count per block, as BERT's reference data pipeline (and the fast path's static shapes)
+        "objective": {"name": objective, "mlm": {"static_count": True}},
         "train": {"micro_batch_size": args.batch, "max_steps": 10 ** 6, "lr": 1e-4, "warmup_steps": 0,
                   "schedule": "constant", "device": device.type,
                   "precision": "bf16" if device.type == "cuda" else "fp32"},
@@ -348,6 +351,7 @@ def step_arms(args, objective_name: str, device):
 
     from objectives import get_objective
     from pretrain.data.stream import to_device
+    from pretrain.fast import apply_fast_path
     from pretrain.trainer import PretrainModule, accumulate_gradients, build_optimizer
 
     from accelerate import Accelerator
@@ -361,6 +365,9 @@ def step_arms(args, objective_name: str, device):
         objective.set_unigram_counts(torch.ones(vocab))
     model = objective.build_model(cfg.model)
     stock = copy.deepcopy(model)  # identical initial weights
+    fast = args.fast if args.fast is not None else device.type == "cuda"
+    if fast:
+        apply_fast_path(model, objective, args.seq)
     accelerator = Accelerator(cpu=device.type == "cpu",
                               mixed_precision="bf16" if cfg.train.precision == "bf16" else "no")
     module = PretrainModule(model, objective)
@@ -459,7 +466,9 @@ def suite_step(args) -> list[dict]:
                    "the trainer's step (objective's sparse heads, accumulate_gradients, clip, AdamW)",
                    "objective": objective_name, "preset": args.preset,
                    "seq": args.seq, "batch": args.batch, "precision": cfg.train.precision,
-                   "compile_baseline": bool(args.compile), "tok_per_s": tokens / step_s[arm],
+                   "compile_baseline": bool(args.compile), "fast": bool(args.fast if args.fast is not None
+                                                                        else device.type == "cuda"),
+                   "tok_per_s": tokens / step_s[arm],
                    "step_ms": 1000 * step_s[arm], "step_ms_rounds": [1000 * t for t in times[arm]],
                    "mfu": flops / step_s[arm] / peak if peak else None, "peak_mem_mb": peaks[arm],
                    "ratio": step_s["baseline"] / step_s[arm], "first_mlm_loss": loss_baseline if arm == "baseline"
@@ -503,6 +512,8 @@ def main(argv=None) -> int:
     st.add_argument("--repeat", type=int, default=3, help="rounds (median step time reported)")
     st.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (CPU)")
     st.add_argument("--compile", action="store_true", help="torch.compile the baseline's loss function")
+    st.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                    help="our arm on the fast path (model.fast; default: on CUDA only)")
     st.add_argument("--device", choices=["cpu", "auto"], default="auto")
     st.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/step-<date>.json)")
 

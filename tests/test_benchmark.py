@@ -22,7 +22,7 @@ def benchmark():
 
 def test_step_suite_runs_both_arms_with_equal_first_losses(benchmark, tmp_path, one_thread):
     out = tmp_path / "step.json"
-    argv = ["step", "--objective", "mlm", "span", "electra", "--preset", "tiny", "--seq", "32", "--batch", "4",
+    argv = ["step", "--objective", "mlm", "span", "electra", "--preset", "tiny", "--seq", "32", "--batch", "4", "--no-fast",
             "--steps", "2", "--repeat", "2", "--warmup", "1", "--threads", "1", "--device", "cpu", "--out", str(out)]
     assert benchmark.main(argv) == 0
     rows = json.loads(out.read_text())
