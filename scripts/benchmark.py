@@ -272,6 +272,7 @@ def suite_decouple(args) -> list[dict]:
 PRESETS = {
     # name: (hidden, layers, heads, intermediate, vocab, embedding_size)
     "tiny": (64, 2, 2, 256, 1000, None),
+    "compare-cpu": (128, 2, 2, 512, 8192, None),  # the models of scripts/compare_objectives.py
     "bert-base": (768, 12, 12, 3072, 30522, None),
     "electra-small": (256, 12, 4, 1024, 30522, 128),
 }
