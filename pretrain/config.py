@@ -126,6 +126,39 @@ class ObjectiveConfig:
 
 
 @dataclass
+class EWCConfig:
+    """Continued pretraining from an export, optionally with elastic weight consolidation (Kirkpatrick et al. 2017,
+    "Overcoming catastrophic forgetting in neural networks"): the loss gains (lambda/2)·Σ_i F_i (θ_i − θ*_i)², θ* the
+    source's weights and F the diagonal empirical Fisher of the MLM loss on the source's corpus (pretrain/ewc.py)."""
+
+    lam: float = field(default=0.0, metadata={"key": "lambda"})
+    """YAML key ``lambda``: penalty strength λ (dimensionless; the Fisher is in units of the per-token MLM loss).
+    0 = plain continued pretraining from ``source`` (the baseline arm), or an ordinary run when ``source`` is null."""
+    source: str | None = None
+    """An MLM export of this toolkit (e.g. RUN/export) to start from: its weights initialise the model, its tokenizer
+    is used (tokenizer.path must be null or this directory) and model.* must match its architecture."""
+    fisher_batches: int = 8
+    """Micro-batches of train.micro_batch_size blocks of ``fisher_data``'s training split for the Fisher; every
+    block's gradient is squared separately (per-sample empirical Fisher), so this costs fisher_batches x
+    micro_batch_size forward/backward passes of one block, once per run."""
+    fisher_data: DataConfig = field(default_factory=DataConfig)
+    """The ORIGINAL corpus (same forms as ``data``: demo/files/dataset). Empty = the data section of the source's
+    pretrain_config.yaml; the run's config.yaml records the resolved corpus."""
+    fisher_seed: int | None = None
+    """Seed of fisher_data's train/validation split and of its block order and masks (null = the source run's
+    train.seed, so the Fisher never sees the source's held-out blocks)."""
+
+    def __post_init__(self):
+        if self.lam < 0:
+            raise ValueError(f"train.ewc.lambda must be >= 0, got {self.lam}")
+        if self.lam > 0 and not self.source:
+            raise ValueError("train.ewc.lambda > 0 needs train.ewc.source: the export (e.g. RUN/export) whose weights "
+                             "the penalty keeps the model close to")
+        if self.fisher_batches < 1:
+            raise ValueError(f"train.ewc.fisher_batches must be >= 1, got {self.fisher_batches}")
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     """Seeds model init, data order and masking."""
@@ -177,6 +210,8 @@ class TrainConfig:
     """Print/log metrics every N steps (the only host syncs for metrics)."""
     device: Literal["auto", "cpu"] = "auto"
     """auto = accelerate's choice (GPU when present); cpu forces the CPU."""
+    ewc: EWCConfig = field(default_factory=EWCConfig)
+    """Continued pretraining from an export, with or without EWC (off by default)."""
 
     def __post_init__(self):
         for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "keep_last", "eval_batches"):
@@ -327,13 +362,19 @@ def _type_name(tp) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+def _yaml_key(f: dataclasses.Field) -> str:
+    """A field's key in YAML: its name, or ``metadata["key"]`` where the name cannot be a Python identifier
+    (``train.ewc.lambda`` is the field ``lam``)."""
+    return f.metadata.get("key", f.name)
+
+
 def _build(cls, data: dict, prefix: str, errors: list[str]):
     """Build dataclass ``cls`` from ``data``, appending every problem found to ``errors``."""
     if not isinstance(data, dict):
         errors.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
         return None
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {_yaml_key(f): f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
@@ -341,14 +382,15 @@ def _build(cls, data: dict, prefix: str, errors: list[str]):
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
             errors.append(f"unknown key '{prefix}{key}'{hint}")
             continue
-        tp = hints[key]
+        name = fields[key].name
+        tp = hints[name]
         if _is_dataclass_type(tp):
             sub = _build(tp, value if value is not None else {}, f"{prefix}{key}.", errors)
             if sub is not None:
-                kwargs[key] = sub
+                kwargs[name] = sub
             continue
         try:
-            kwargs[key] = _coerce(value, tp, prefix + key)
+            kwargs[name] = _coerce(value, tp, prefix + key)
         except TypeError as e:
             errors.append(str(e))
     if errors:
@@ -421,7 +463,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def config_to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data under its YAML keys (what ``config_from_dict`` reads back)."""
+    if dataclasses.is_dataclass(cfg):
+        return {_yaml_key(f): config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, list):
+        return [config_to_dict(v) for v in cfg]
+    return cfg
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -23,6 +23,7 @@ from objectives import get_objective
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, config_differences, config_to_dict, save_config
 from .data.stream import StreamBatchSampler, StreamDataset, to_device
+from .ewc import prepare_continued, resolve_source
 from .export import roundtrip_check, unwrap
 from .fast import apply_fast_path, fast_enabled
 from .metrics import MetricsLogger, MetricTracker, peak_flops, train_flops_per_token
@@ -151,6 +152,7 @@ def accumulate_gradients(module, collator, micro_batches: list[dict], accelerato
 def fit(cfg: Config, overwrite: bool = False) -> dict:
     """Train ``cfg`` to ``cfg.train.max_steps``, resuming from the newest checkpoint in ``cfg.output_dir``, then
     export. Returns the final validation metrics."""
+    cfg = resolve_source(cfg)  # continued pretraining (train.ewc.source): checked before anything is written
     if cfg.decouple.mode != "none":
         from .decouple import fit_decoupled
 
@@ -178,8 +180,11 @@ def fit(cfg: Config, overwrite: bool = False) -> dict:
     if fast_enabled(cfg.model, accelerator.device):  # static-shape heads, compiled encoders (pretrain/fast.py)
         apply_fast_path(model, objective, cfg.data.block_size)
     module = PretrainModule(model, objective)
+    ewc = prepare_continued(cfg, module, tokenizer, out, accelerator)  # source weights; F and θ* for λ > 0
     optimizer = build_optimizer(module, t, accelerator.device.type)
     module, optimizer = accelerator.prepare(module, optimizer)
+    if ewc is not None:
+        accelerator.register_for_checkpointing(ewc)  # every checkpoint carries F and θ*
     if accelerator.is_main_process:
         tokenizer.save_pretrained(str(out / "tokenizer"))
 
@@ -204,7 +209,7 @@ def fit(cfg: Config, overwrite: bool = False) -> dict:
     logger = MetricsLogger(out, accelerator.is_main_process, cfg.log.tensorboard, t.max_steps)
     logger.log({"event": "resume" if resume else "start", "step": state["step"], "world_size": world,
                 "config": config_to_dict(cfg)}, prefix="run")
-    tracker = MetricTracker(objective.metric_counts)
+    tracker = MetricTracker({**objective.metric_counts, "ewc_penalty": "n_steps"})
     reduce_sum = (lambda x: accelerator.reduce(x, "sum")) if world > 1 else None
 
     if state["step"] == 0 and t.eval_every:
@@ -218,6 +223,9 @@ def fit(cfg: Config, overwrite: bool = False) -> dict:
         data_wait += time.perf_counter() - fetch_start
         for out_dict in accumulate_gradients(module, collator, micro, accelerator):
             tracker.add(out_dict)
+        step_metrics = {"n_steps": torch.ones((), device=accelerator.device)}
+        if ewc is not None:  # once per optimizer step, onto the window's reduced gradients (the same on every process)
+            step_metrics["ewc_penalty"] = ewc.add_gradient(raw)
 
         if t.clip_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(module.parameters(), t.clip_grad_norm)
@@ -234,7 +242,7 @@ def fit(cfg: Config, overwrite: bool = False) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         state.update(step=step, tokens=state["tokens"] + tokens_per_step)
-        tracker.add({"n_steps": torch.ones((), device=accelerator.device)})
+        tracker.add(step_metrics)
 
         if step % t.log_every == 0 or step == t.max_steps:
             metrics = tracker.compute(reduce=reduce_sum)
