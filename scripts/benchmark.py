@@ -5,6 +5,9 @@
 
 Suites (subcommands):
 
+* ``e2e``: DESIGN.md §6. The whole trainer (``fit`` on a synthetic Zipf-law corpus: DataLoader workers masking,
+  the loop, metrics) against its pure step on pre-collated batches of the same blocks, in one process; ``ratio``
+  = end-to-end tok/s over pure-step tok/s (target >= 0.95).
 * ``step``: DESIGN.md §6. One optimizer step of the stock ``transformers`` recipe a user would write (the
   baseline: ``BertForMaskedLM(labels=...)`` / ``ElectraForMaskedLM`` + ``ElectraForPreTraining`` with
   full-vocabulary logits, SDPA, AdamW (fused on CUDA), clip 1.0, bf16 autocast on CUDA, ``torch.compile`` with
@@ -342,6 +345,28 @@ class StockElectra:
         return gen_out.loss + 50.0 * disc_out.loss, gen_out.loss
 
 
+def trainer_step(cfg, objective, model, device):
+    """The trainer's optimizer step on one micro-batch (``accumulate_gradients`` + clip + AdamW, precision of
+    ``cfg.train``); returns (the prepared module, step(batch))."""
+    from accelerate import Accelerator
+
+    from pretrain.trainer import PretrainModule, accumulate_gradients, build_optimizer
+
+    accelerator = Accelerator(cpu=device.type == "cpu",
+                              mixed_precision="bf16" if cfg.train.precision == "bf16" else "no")
+    module = PretrainModule(model, objective)
+    optimizer = build_optimizer(module, cfg.train, device.type)
+    module, optimizer = accelerator.prepare(module, optimizer)
+
+    def step(batch):
+        accumulate_gradients(module, objective, [batch], accelerator)
+        accelerator.clip_grad_norm_(module.parameters(), cfg.train.clip_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return module, step
+
+
 def step_arms(args, objective_name: str, device):
     """The two arms (baseline, ours) on the same initial weights: dicts with ``step`` (one optimizer step on a
     micro-batch), ``first_loss`` (the MLM/generator loss of a batch before any update) and ``modules``."""
@@ -353,9 +378,6 @@ def step_arms(args, objective_name: str, device):
     from objectives import get_objective
     from pretrain.data.stream import to_device
     from pretrain.fast import apply_fast_path
-    from pretrain.trainer import PretrainModule, accumulate_gradients, build_optimizer
-
-    from accelerate import Accelerator
 
     cfg = step_config(args, objective_name, device)
     vocab = PRESETS[args.preset][4]
@@ -366,14 +388,9 @@ def step_arms(args, objective_name: str, device):
         objective.set_unigram_counts(torch.ones(vocab))
     model = objective.build_model(cfg.model)
     stock = copy.deepcopy(model)  # identical initial weights
-    fast = args.fast if args.fast is not None else device.type == "cuda"
-    if fast:
+    if args.fast if args.fast is not None else device.type == "cuda":
         apply_fast_path(model, objective, args.seq)
-    accelerator = Accelerator(cpu=device.type == "cpu",
-                              mixed_precision="bf16" if cfg.train.precision == "bf16" else "no")
-    module = PretrainModule(model, objective)
-    optimizer = build_optimizer(module, cfg.train, device.type)
-    module, optimizer = accelerator.prepare(module, optimizer)
+    module, our_step = trainer_step(cfg, objective, model, device)
     if objective_name == "electra":
         baseline_model = StockElectra(stock)
         for m in (stock.generator, stock.discriminator):
@@ -403,12 +420,6 @@ def step_arms(args, objective_name: str, device):
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         baseline_opt.step()
         baseline_opt.zero_grad(set_to_none=True)
-
-    def our_step(batch):
-        accumulate_gradients(module, objective, [batch], accelerator)
-        accelerator.clip_grad_norm_(module.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
     def first_losses(batch):
         """Both arms' MLM (generator) loss on ``batch`` in eval mode (no dropout), before any update."""
@@ -479,6 +490,99 @@ def suite_step(args) -> list[dict]:
     return rows
 
 
+def write_zipf_corpus(path: Path, n_docs: int, seed: int = 0) -> Path:
+    """One document per line of made-up words drawn from a Zipf law over 20k word types (realistic token lengths
+    and frequencies for the tokenizer, packing and masking; the content is meaningless)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = ["".join(rng.choice(letters, size=rng.integers(2, 9))) for _ in range(20_000)]
+    probs = 1.0 / np.arange(1, len(words) + 1)
+    probs /= probs.sum()
+    with open(path, "w") as f:
+        for _ in range(n_docs):
+            f.write(" ".join(words[i] for i in rng.choice(len(words), size=rng.integers(100, 400), p=probs)) + "\n")
+    return path
+
+
+def suite_e2e(args) -> list[dict]:
+    """The whole trainer (``fit``: DataLoader workers masking, the loop, metrics) against its pure step on
+    pre-collated batches of the same blocks, model and precision, in one process. ``fit`` runs 2 x ``--steps``
+    steps logging every ``--steps``: its second window's tok/s (warm-up and compilation fall in the first) is the
+    end-to-end figure; ``ratio`` = end-to-end / pure step (target >= 0.95, DESIGN.md §6)."""
+    import statistics
+    import tempfile
+
+    import torch
+
+    from objectives import get_objective
+    from pretrain.config import config_from_dict
+    from pretrain.data import prepare_blocks
+    from pretrain.fast import apply_fast_path, fast_enabled
+    from pretrain.trainer import fit
+
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    env = environment(args)
+    hidden, layers, heads, intermediate, vocab, embedding = PRESETS[args.preset]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+        corpus = write_zipf_corpus(Path(tmp) / "corpus.txt", args.documents)
+        for objective_name in args.objective:
+            cfg = config_from_dict({
+                "output_dir": f"{tmp}/run-{objective_name}",
+                "data": {"files": [str(corpus)], "block_size": args.seq, "validation_fraction": 0.01,
+                         "num_workers": args.workers, "cache_dir": f"{tmp}/cache"},
+                "tokenizer": {"vocab_size": vocab},
+                "model": {"hidden_size": hidden, "num_layers": layers, "num_heads": heads,
+                          "intermediate_size": intermediate, "max_position_embeddings": max(512, args.seq),
+                          "embedding_size": embedding, "fast": args.fast},
+                "objective": {"name": objective_name, "mlm": {"static_count": True}},
+                "train": {"micro_batch_size": args.batch, "max_steps": 2 * args.steps, "lr": 1e-4,
+                          "warmup_steps": 0, "eval_every": 0, "eval_batches": 1, "save_every": 0,
+                          "log_every": args.steps, "device": device.type,
+                          "precision": "bf16" if device.type == "cuda" else "fp32"},
+                "log": {"tensorboard": False},
+            })
+            fit(cfg)
+            records = [json.loads(x) for x in open(Path(cfg.output_dir) / "metrics.jsonl")]
+            e2e = [r for r in records if r.get("split") == "train"][-1]
+
+            data = prepare_blocks(cfg)  # the cache fit() built
+            objective = get_objective(objective_name, data.tokenizer, seed=0, **cfg.objective.options())
+            if hasattr(objective, "set_unigram_counts"):
+                objective.set_unigram_counts(data.unigram_counts)
+            model = objective.build_model(cfg.model)
+            if fast_enabled(cfg.model, device):
+                apply_fast_path(model, objective, args.seq)
+            _, step = trainer_step(cfg, objective, model, device)
+            batches = [objective.collate([dict(data.train[(t * args.batch + i) % len(data.train)],
+                                               index=t * args.batch + i) for i in range(args.batch)])
+                       for t in range(8)]
+            for t in range(args.steps):  # warm-up, as fit's first window
+                step(batches[t % len(batches)])
+            times = []
+            for _ in range(args.repeat):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                for t in range(args.steps):
+                    step(batches[t % len(batches)])
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append((time.perf_counter() - start) / args.steps)
+            pure = args.batch * args.seq / statistics.median(times)
+            row = {"suite": "e2e", "objective": objective_name, "preset": args.preset, "seq": args.seq,
+                   "batch": args.batch, "workers": args.workers, "precision": cfg.train.precision,
+                   "fast": fast_enabled(cfg.model, device), "e2e_tok_per_s": e2e["tok_per_s"],
+                   "e2e_data_wait": e2e["data_wait"], "pure_step_tok_per_s": pure,
+                   "ratio": e2e["tok_per_s"] / pure, "threads": args.threads, **env}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="suite", required=True)
@@ -518,6 +622,21 @@ def main(argv=None) -> int:
     st.add_argument("--device", choices=["cpu", "auto"], default="auto")
     st.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/step-<date>.json)")
 
+    e = sub.add_parser("e2e", help="the whole trainer (fit) vs its pure step, same process")
+    e.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shape (see PRESETS)")
+    e.add_argument("--objective", nargs="+", choices=["mlm", "span", "electra"], default=["mlm"])
+    e.add_argument("--seq", type=int, default=128)
+    e.add_argument("--batch", type=int, default=8, help="blocks per step")
+    e.add_argument("--steps", type=int, default=20, help="steps per window (fit runs two windows)")
+    e.add_argument("--repeat", type=int, default=3, help="rounds of the pure step (median reported)")
+    e.add_argument("--workers", type=int, default=1, help="DataLoader workers of fit")
+    e.add_argument("--documents", type=int, default=2000, help="documents in the synthetic corpus")
+    e.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (CPU)")
+    e.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="model.fast for both (default: on CUDA only)")
+    e.add_argument("--device", choices=["cpu", "auto"], default="auto")
+    e.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/e2e-<date>.json)")
+
     w = sub.add_parser("_worker", help=argparse.SUPPRESS)
     shape_args(w)
     w.add_argument("--kind", choices=["backprop", "local"], required=True)
@@ -528,7 +647,7 @@ def main(argv=None) -> int:
     if args.suite == "_worker":
         run_worker(args)
         return 0
-    results = {"decouple": suite_decouple, "step": suite_step}[args.suite](args)
+    results = {"decouple": suite_decouple, "step": suite_step, "e2e": suite_e2e}[args.suite](args)
     out = args.out or ROOT / "benchmarks" / f"{args.suite}-{datetime.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")

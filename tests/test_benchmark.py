@@ -36,3 +36,16 @@ def test_step_suite_runs_both_arms_with_equal_first_losses(benchmark, tmp_path, 
         assert base["ratio"] == 1.0 and math.isclose(ours["ratio"], ours["tok_per_s"] / base["tok_per_s"])
         # same initial weights, same batch, no dropout: the stock full-vocabulary loss equals our sparse head's
         assert abs(base["first_mlm_loss"] - ours["first_mlm_loss"]) < 1e-5, (base, ours)
+
+
+def test_e2e_suite_runs_the_trainer_and_its_pure_step(benchmark, tmp_path, one_thread):
+    out = tmp_path / "e2e.json"
+    argv = ["e2e", "--objective", "mlm", "--preset", "tiny", "--seq", "32", "--batch", "2", "--steps", "2",
+            "--repeat", "1", "--documents", "60", "--workers", "0", "--threads", "1", "--device", "cpu",
+            "--no-fast", "--out", str(out)]
+    assert benchmark.main(argv) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["suite"] == "e2e" and row["objective"] == "mlm" and row["device"] == "cpu"
+    assert row["e2e_tok_per_s"] > 0 and row["pure_step_tok_per_s"] > 0
+    assert math.isclose(row["ratio"], row["e2e_tok_per_s"] / row["pure_step_tok_per_s"])
+    assert 0.0 <= row["e2e_data_wait"] <= 1.0
