@@ -233,6 +233,44 @@ class TrainConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """Synthetic-gradient modules of ``decouple.mode: synthetic`` (DNI; Jaderberg et al. 2017, Czarnecki et al. 2017):
+    at every boundary k, M_k(h, context) predicts dL/dh for chunk k's output h [B, L, H]."""
+
+    context: Literal["labels", "none"] = "labels"
+    """labels = cDNI: M_k also sees an embedding of each position's target id (its own table; "no target" at
+    unmasked positions); none = h only (given h alone the expected MLM gradient is ~0, DESIGN.md §4)."""
+    arch: Literal["linear", "mlp", "layer"] = "mlp"
+    """M_k's body before its zero-initialised output projection: none (linear), dense 2H + GeLU (mlp), or one
+    transformer layer over the sequence (layer)."""
+    lr: float = 1.0e-3
+    """Constant learning rate of M_k's own AdamW (no weight decay)."""
+    target_scale: Literal["rms", "count", "none"] = "rms"
+    """What M_k regresses (its output is divided back before use). count: dL/dh × the window's masked-token count
+    (the gradient of the summed, not averaged, loss: independent of the batch size); rms: that, divided by its
+    running RMS (EMA 0.99), so targets are O(1) per element whatever the model width or decoder scale; none:
+    dL/dh itself (~1e-5 per element: Adam-trained M_k overshoots such tiny targets)."""
+    warmup_steps: int = 0
+    """Optimizer steps at the start during which chunks 0..K-2 wait for and use the true gradient (M_k trains)."""
+    mix: float = 0.0
+    """λ: when the true gradient δ of a micro-batch arrives before the chunk's optimizer step, the chunk updates
+    from λ·δ + (1-λ)·prediction (it keeps that micro-batch's graph until then); 0 = prediction only."""
+    staleness: int = 1
+    """S: chunk k runs at most S micro-batches ahead of the true gradients from chunk k+1 (it must receive the
+    gradient of micro-batch t-S after computing t). S=0 with mix=1 is backprop."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"decouple.synthetic.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.mix <= 1.0:
+            raise ValueError(f"decouple.synthetic.mix (λ, weight of the true gradient) must be in [0, 1], "
+                             f"got {self.mix}")
+        for name in ("warmup_steps", "staleness"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"decouple.synthetic.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
 class DecoupleConfig:
     mode: Literal["none", "local", "synthetic"] = "none"
     """none = end-to-end backprop; local = every chunk learns from its own auxiliary loss; synthetic = DNI."""
@@ -248,6 +286,8 @@ class DecoupleConfig:
     freeze_lower: bool = False
     """local only, the control arm of DESIGN.md §4: chunks 0..K-2 keep their random initialisation (forward only,
     no updates) and only the last chunk trains, on their frozen features."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """Options of mode synthetic (synthetic-gradient modules, staleness)."""
 
     def __post_init__(self):
         if self.chunks < 1:
@@ -258,6 +298,15 @@ class DecoupleConfig:
         if self.freeze_lower and (self.mode != "local" or self.chunks < 2):
             raise ValueError("decouple.freeze_lower needs decouple.mode=local and decouple.chunks >= 2 "
                              "(it freezes chunks 0..K-2)")
+        if self.mode == "synthetic" and self.chunks < 2:
+            raise ValueError("decouple.mode=synthetic needs decouple.chunks >= 2 (a boundary to predict gradients at)")
+        if self.mode != "synthetic" and self.synthetic != SyntheticConfig():
+            changed = [f.name for f in dataclasses.fields(SyntheticConfig)
+                       if getattr(self.synthetic, f.name) != getattr(SyntheticConfig(), f.name)]
+            raise ValueError(f"decouple.synthetic.{changed[0]} is set but decouple.mode={self.mode}: set "
+                             "decouple.mode=synthetic or remove the decouple.synthetic options")
+        if self.mode == "synthetic" and self.aux_head != "decoder":
+            raise ValueError("decouple.aux_head applies to mode local only; synthetic chunks have no auxiliary head")
         if isinstance(self.boundaries, str) and self.boundaries != "auto":
             raise ValueError(f"decouple.boundaries must be 'auto' or a list of layer indices, got {self.boundaries!r}")
         if isinstance(self.boundaries, list):

@@ -261,7 +261,9 @@ class Chunk(nn.Module):
     ``forward(batch, inputs, normalizers)`` takes the lower chunk's output ``inputs`` ({"hidden": [B, L, H], plus
     carried tensors}; None for chunk 0), **detaches it**, and returns ``(outputs, out)``: the dict to send to the next
     chunk (hidden states in fp32) and the loss dict (``loss`` for backward, detached metrics under the names of
-    ``metric_counts``). ``with_head=False`` skips the head (frozen chunks of the control run): ``out`` is empty."""
+    ``metric_counts``). ``with_head=False`` skips the head (frozen chunks of the control run): ``out`` is empty.
+    ``boundary_grads=True`` (synthetic gradients) keeps both ends differentiable: ``inputs["hidden"]`` is used as
+    given (the caller passes a leaf and reads its ``.grad``) and the returned hidden states keep their graph."""
 
     def __init__(self, index: int, num_chunks: int, config, stem: nn.Module | None, layers: list[nn.Module],
                  head: nn.Module, layer_range: tuple[int, int]):
@@ -287,13 +289,14 @@ class Chunk(nn.Module):
         return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
 
     def forward(self, batch: Mapping[str, torch.Tensor], inputs: dict[str, torch.Tensor] | None, normalizers=None,
-                with_head: bool = True):
+                with_head: bool = True, boundary_grads: bool = False):
         if self.stem is not None:
             hidden, carry, parts, counts, metrics = self.stem(batch)
         else:
             if inputs is None:
                 raise ValueError(f"chunk {self.index} needs the output of chunk {self.index - 1}")
-            hidden = inputs["hidden"].detach()  # the boundary: no gradient ever flows to the lower chunk
+            # the boundary: no gradient flows to the lower chunk (synthetic mode: only through the caller's leaf)
+            hidden = inputs["hidden"] if boundary_grads else inputs["hidden"].detach()
             carry = {k: v for k, v in inputs.items() if k != "hidden"}
             parts, counts, metrics = {}, {}, {}
         mask = self.attention_mask(hidden, batch.get("attention_mask"))
@@ -307,14 +310,16 @@ class Chunk(nn.Module):
         prefix = f"chunk{self.index}_"
         for name in self.head.metric_counts:
             out[prefix + name] = out[name] if self.is_final else out.pop(name)
-        return {"hidden": hidden.detach().float(), **carry}, out
+        return {"hidden": hidden.float() if boundary_grads else hidden.detach().float(), **carry}, out
 
 
 class ChunkedModel(nn.Module):
     """The objective's full model cut into chunks, plus the auxiliary heads.
 
     Attributes: ``model`` (the stock model, untied when K > 1), ``objective`` (its own heads, e.g. SBO), ``aux``
-    (``ModuleList`` of the K-1 auxiliary heads) and ``chunks`` (K :class:`Chunk` views sharing those modules).
+    (``ModuleList`` of the K-1 auxiliary heads; empty in synthetic mode), ``synthetic`` (the K-1 synthetic-gradient
+    modules M_k of mode synthetic, else empty; not part of any chunk's parameters) and ``chunks`` (K :class:`Chunk`
+    views sharing those modules).
     Tensor names of ``state_dict()`` (``model.…``, ``objective.…``, ``aux.k.…``) name each chunk's share in
     checkpoints (:meth:`chunk_state_dict`)."""
 
@@ -323,6 +328,10 @@ class ChunkedModel(nn.Module):
         name = objective.name
         if name not in ("mlm", "span", "electra"):
             raise NotImplementedError(f"decouple.mode=local does not know how to cut objective '{name}'")
+        synthetic = decouple_cfg.mode == "synthetic"
+        if synthetic and name == "electra":
+            raise NotImplementedError("decouple.mode=synthetic supports the mlm and span objectives (its modules "
+                                      "condition on masked-token labels); use decouple.mode=local for electra")
         self.objective_name = name
         self.aux_head = decouple_cfg.aux_head
         k_total = decouple_cfg.chunks
@@ -344,13 +353,25 @@ class ChunkedModel(nn.Module):
             self.aux = nn.ModuleList([LocalRTDHead(config, extra, disc_weight) for _ in range(k_total - 1)])
             stem = ElectraStem(model, objective)
             final = FinalRTDHead(model.discriminator.discriminator_predictions, disc_weight)
+        elif synthetic:
+            from .synthetic import NoHead, SyntheticGradient
+
+            s = decouple_cfg.synthetic
+            words = model.bert.embeddings.word_embeddings.weight.detach()
+            self.aux = nn.ModuleList()
+            self.synthetic = nn.ModuleList([SyntheticGradient(config, s.arch, s.context, words)
+                                            for _ in range(k_total - 1)])
+            stem = BertStem(model.bert.embeddings)
+            final = FinalMLMHead(model.cls, objective)
         else:
             self.aux = nn.ModuleList([LocalMLMHead(config, extra) for _ in range(k_total - 1)])
             stem = BertStem(model.bert.embeddings)
             final = FinalMLMHead(model.cls, objective)
+        if not synthetic:
+            self.synthetic = nn.ModuleList()
         chunks = []
         for k, (start, stop) in enumerate(self.ranges):
-            head = final if k == k_total - 1 else self.aux[k]
+            head = final if k == k_total - 1 else (NoHead() if synthetic else self.aux[k])
             chunks.append(Chunk(k, k_total, config, stem if k == 0 else None, layers[start:stop], head, (start, stop)))
         # a plain list: the chunks are views of the modules above, not separately registered parameters
         self.chunks: list[Chunk] = chunks

@@ -51,9 +51,11 @@ from ..metrics import MetricsLogger, MetricTracker, peak_flops, train_flops_per_
 from ..schedules import lr_for
 from ..trainer import VALIDATION_INDEX_OFFSET, build_optimizer, check_tokenizer, make_loader, prepare_run_dir
 from .chunks import ChunkedModel
+from .synthetic import SYNTHETIC_EXPORT_FILE, SYNTHETIC_FILE, SyntheticStageMixin
 
-#: message tags: activations (train and eval, in program order), metric dicts, "chunk saved" notes
-TAG_ACTIVATION, TAG_METRICS, TAG_SAVED = 1, 2, 3
+#: message tags: activations (train and eval, in program order), metric dicts, "chunk saved" notes, true gradients
+#: of a chunk's input (synthetic mode, micro-batch order)
+TAG_ACTIVATION, TAG_METRICS, TAG_SAVED, TAG_GRADIENT = 1, 2, 3, 4
 #: file written beside the Hugging Face export with the auxiliary heads of chunks 0..K-2
 AUX_HEADS_FILE = "aux_heads.safetensors"
 
@@ -171,6 +173,14 @@ class Link:
         """What ``chunk - 1`` sent; ``spec``: key -> (shape, dtype), known from the batch every process holds."""
         src = self.layout.rank_of(chunk - 1)
         return {key: self._recv(*spec[key], src=src, tag=TAG_ACTIVATION) for key in sorted(spec)}
+
+    def send_gradient(self, grad: torch.Tensor, chunk: int) -> None:
+        """The true gradient of ``chunk``'s input (fp32 [B, L, H]) to ``chunk - 1`` (synthetic mode)."""
+        self._isend(grad.float().contiguous(), self.layout.rank_of(chunk - 1), TAG_GRADIENT)
+
+    def recv_gradient(self, shape, chunk: int) -> torch.Tensor:
+        """The true gradient of ``chunk``'s output, from ``chunk + 1``."""
+        return self._recv(shape, torch.float32, self.layout.rank_of(chunk + 1), TAG_GRADIENT)
 
     def send_object(self, obj, dst_chunk: int, tag: int) -> None:
         """A small JSON-able object (metrics, notes) to the holder of ``dst_chunk``: length, then UTF-8 bytes."""
@@ -316,6 +326,10 @@ class Stage:
         self.skipped = state["skipped"]
 
 
+class SyntheticStage(SyntheticStageMixin, Stage):
+    """A chunk of ``decouple.mode: synthetic``: learns from predicted (and true) gradients of its output."""
+
+
 # --------------------------------------------------------------------------- the pipeline
 
 
@@ -326,8 +340,17 @@ class Pipeline:
         self.model, self.cfg, self.layout, self.device = model, cfg, layout, device
         k_total = layout.chunks
         frozen = set(range(k_total - 1)) if cfg.decouple.freeze_lower else set()
-        self.stages = [Stage(model, k, cfg, device, k in frozen) for k in layout.local_chunks]
-        self.link = Link(layout, device) if layout.runtime == "distributed" else None
+        self.synthetic = cfg.decouple.mode == "synthetic"
+        if self.synthetic:
+            if cfg.train.precision == "fp16":
+                raise NotImplementedError("decouple.mode=synthetic does not implement fp16 loss scaling of the "
+                                          "gradients it exchanges: use train.precision bf16 or fp32")
+            self.stages = [SyntheticStage(model, k, cfg, device) for k in layout.local_chunks]
+        else:
+            self.stages = [Stage(model, k, cfg, device, k in frozen) for k in layout.local_chunks]
+        # synthetic mode: up to S+1 true gradients travel down while activations travel up
+        in_flight = 4 + (2 * (cfg.decouple.synthetic.staleness + 1) if self.synthetic else 0)
+        self.link = Link(layout, device, in_flight) if layout.runtime == "distributed" else None
         precision = cfg.train.precision
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
@@ -354,12 +377,48 @@ class Pipeline:
             if k < self.layout.chunks - 1 and not self.layout.is_local(k + 1):
                 self.link.send_activations(inputs, k)
 
-    def train_step(self, micro_batches: list[dict], normalizers: dict, lr: float) -> None:
+    def train_step(self, micro_batches: list[dict], normalizers: dict, lr: float, step: int | None = None) -> None:
+        """One optimizer step of every local chunk. ``step`` (0-based; synthetic mode only): during
+        ``synthetic.warmup_steps`` and on checkpoint steps the window waits for all its true gradients (a drained
+        pipeline is what a checkpoint can hold); None = neither."""
+        drain = False
+        if self.synthetic and step is not None:
+            t, warm = self.cfg.train, step < self.cfg.decouple.synthetic.warmup_steps
+            drain = warm or step + 1 == t.max_steps or bool(t.save_every and (step + 1) % t.save_every == 0)
+            for stage in self.stages:
+                stage.use_true = warm
         for batch in micro_batches:
             batch = to_device(batch, self.device)
             self._run(batch, lambda stage, inputs: stage.forward_backward(batch, inputs, normalizers, self.autocast))
+            if self.synthetic:
+                self._exchange_gradients(drain=False)
+        if self.synthetic:
+            if drain:
+                self._exchange_gradients(drain=True)
+            for stage in reversed(self.stages):
+                stage.release_graphs()
+                self._send_gradients(stage)
         for stage in self.stages:
             stage.update(lr, self.cfg.train.clip_grad_norm)
+
+    def _exchange_gradients(self, drain: bool) -> None:
+        """Synthetic mode, top chunk first: send each chunk's input gradients down, then hand each chunk the true
+        output gradients that are due (all outstanding ones when ``drain``)."""
+        for stage in reversed(self.stages):
+            self._send_gradients(stage)
+            for _ in range(len(stage.pending) if drain else stage.due()):
+                if self.layout.is_local(stage.k + 1):
+                    delta = self.stages[self.stages.index(stage) + 1].outbox.popleft()
+                else:
+                    delta = self.link.recv_gradient(stage.next_shape(), stage.k)
+                stage.resolve(delta)
+                self._send_gradients(stage)
+
+    def _send_gradients(self, stage) -> None:
+        """Send ``stage``'s input gradients to the process holding chunk k-1 (kept for a local chunk k-1)."""
+        if stage.k > 0 and not self.layout.is_local(stage.k - 1):
+            while stage.outbox:
+                self.link.send_gradient(stage.outbox.popleft(), stage.k)
 
     def gather_metrics(self, local: dict[str, float] | None = None) -> dict[str, float] | None:
         """Every chunk's window metrics (plus ``local`` extras) merged on the last process; None elsewhere."""
@@ -469,7 +528,8 @@ def build_chunked_model(cfg: Config, tokenizer, unigram_counts=None) -> tuple[Ch
 
 def export_stitched(model: ChunkedModel, export_dir: Path, tokenizer, cfg: Config, sample: torch.Tensor | None) -> None:
     """Stitch the chunks into the stock model, export it with the objective's ``export``, put the auxiliary heads
-    beside it (``aux_heads.safetensors``, not in the HF weights) and check the export in a fresh process."""
+    and synthetic-gradient modules beside it (``aux_heads.safetensors``, ``synthetic_gradients.safetensors``; not in
+    the HF weights) and check the export in a fresh process."""
     from safetensors.torch import save_file
 
     stitched = model.export_model().float().cpu()
@@ -480,6 +540,11 @@ def export_stitched(model: ChunkedModel, export_dir: Path, tokenizer, cfg: Confi
         meta = {"format": "pt", "aux_head": model.aux_head, "layer_ranges": json.dumps(model.ranges),
                 "objective": model.objective_name}
         save_file(tensors, str(export_dir / AUX_HEADS_FILE), metadata=meta)
+    if len(model.synthetic):
+        tensors = {f"synthetic.{k}": v.detach().float().cpu().contiguous()
+                   for k, v in model.synthetic.state_dict().items()}
+        meta = {"format": "pt", "layer_ranges": json.dumps(model.ranges), "objective": model.objective_name}
+        save_file(tensors, str(export_dir / SYNTHETIC_EXPORT_FILE), metadata=meta)
     if sample is not None:
         for path, auto_class, reference in model.objective.export_targets(stitched, export_dir):
             check = roundtrip_check(path, auto_class, reference, sample)
@@ -504,6 +569,8 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple
     model, _ = build_chunked_model(cfg, tokenizer)
     for k in range(model.num_chunks):
         model.load_chunk_state_dict(k, load_file(str(path / f"chunk{k}" / "model.safetensors")))
+    for k, module in enumerate(model.synthetic):
+        module.load_state_dict(load_file(str(path / f"chunk{k}" / SYNTHETIC_FILE)))
     return model, tokenizer, cfg
 
 
@@ -519,15 +586,12 @@ def export_run(run_dir: str | Path, checkpoint: str | Path | None = None, out: s
 
 
 def fit_decoupled(cfg: Config, overwrite: bool = False, data=None) -> dict:
-    """``fit`` for ``decouple.mode: local``: train every chunk on its own loss to ``train.max_steps`` (resuming
+    """``fit`` for ``decouple.mode`` local or synthetic: train every chunk to ``train.max_steps`` (resuming
     from the newest complete checkpoint), evaluate, export. ``data``: a prepared-data object (``tokenizer``,
     ``train``, ``validation``, ``unigram_counts``) instead of ``prepare_blocks(cfg)`` (tests). Returns the final
     validation metrics on the process holding the last chunk ({} elsewhere)."""
     from accelerate.utils import set_seed
 
-    if cfg.decouple.mode != "local":
-        raise NotImplementedError(f"decouple.mode={cfg.decouple.mode} is not implemented by the local-update runtime"
-                                  " (synthetic gradients are a separate issue)")
     t = cfg.train
     layout = resolve_layout(cfg.decouple)
     device = pick_device(t, layout)
@@ -589,7 +653,7 @@ def fit_decoupled(cfg: Config, overwrite: bool = False, data=None) -> dict:
         fetch_start = time.perf_counter()
         micro = [next(batches) for _ in range(t.grad_accum)]
         data_wait += time.perf_counter() - fetch_start
-        pipeline.train_step(micro, window_normalizers(collator, micro, device), lr)
+        pipeline.train_step(micro, window_normalizers(collator, micro, device), lr, step)
         step += 1
         window_steps += 1
         state.update(step=step, tokens=state["tokens"] + tokens_per_step)
@@ -635,6 +699,8 @@ def fit_decoupled(cfg: Config, overwrite: bool = False, data=None) -> dict:
 
             for k in range(layout.chunks - 1):
                 model.load_chunk_state_dict(k, load_file(str(final_ckpt / f"chunk{k}" / "model.safetensors")))
+                if len(model.synthetic):
+                    model.synthetic[k].load_state_dict(load_file(str(final_ckpt / f"chunk{k}" / SYNTHETIC_FILE)))
         sample = torch.stack([torch.as_tensor(data.validation[i]["input_ids"])
                               for i in range(min(2, len(data.validation)))])
         export_stitched(model, out / "export", tokenizer, cfg, sample)
@@ -647,5 +713,5 @@ def _barrier() -> None:
     dist.barrier()
 
 
-__all__ = ["fit_decoupled", "Pipeline", "Stage", "Layout", "resolve_layout", "build_chunked_model", "export_run",
+__all__ = ["fit_decoupled", "Pipeline", "Stage", "SyntheticStage", "Layout", "resolve_layout", "build_chunked_model", "export_run",
            "load_run", "export_stitched", "window_normalizers", "AUX_HEADS_FILE"]
