@@ -72,8 +72,11 @@ def resolve_source(cfg):
     if cfg.tokenizer.path and Path(cfg.tokenizer.path).expanduser().resolve() != src:
         problems.append(f"tokenizer.path is {cfg.tokenizer.path} but the model continues with the source's "
                         f"tokenizer: set tokenizer.path: null (or {src})")
-    fixes = [f"model.{ours}: {hf.get(theirs)}" for ours, theirs in ARCHITECTURE_KEYS.items()
-             if getattr(cfg.model, ours) not in (hf.get(theirs), None if ours == "vocab_size" else hf.get(theirs))]
+    fixes = []
+    for ours, theirs in ARCHITECTURE_KEYS.items():
+        value = getattr(cfg.model, ours)
+        if value != hf.get(theirs) and not (ours == "vocab_size" and value is None):  # null = the tokenizer's size
+            fixes.append(f"model.{ours}: {hf.get(theirs)}")
     if fixes:
         problems.append("model.* differs from the source's architecture: set " + ", ".join(fixes))
     fisher_data, fisher_seed = e.fisher_data, e.fisher_seed

@@ -252,6 +252,25 @@ def test_grad_accum_2_gives_the_same_ewc_run_as_1(source):
 
 
 @pytest.mark.slow
+def test_two_processes_give_the_same_ewc_run_as_one(source):
+    """2 gloo processes x micro 2 vs 1 process x micro 4 (same 8 Fisher blocks): the penalty is not counted per
+    process. Rank 0 estimates and saves the Fisher, rank 1 reads it."""
+    from distributed import torchrun
+
+    one = continued(source, "world1", lam=50.0, max_steps=4)
+    two = continued(source, "world2", lam=50.0, max_steps=4, micro_batch_size=2, fisher_batches=4)
+    path = source["dir"] / "world2.yaml"
+    path.write_text(json.dumps(config_to_dict(two)))
+    torchrun(2, str(Path(__file__).parent.parent / "scripts" / "pretrain.py"), str(path))
+    fit(one)
+    a, b = train_log(Path(one.output_dir)), train_log(Path(two.output_dir))
+    for step in range(1, 5):
+        assert b[step]["mlm_loss"] == pytest.approx(a[step]["mlm_loss"], abs=1e-5)
+        assert b[step]["ewc_penalty"] == pytest.approx(a[step]["ewc_penalty"], rel=1e-4, abs=1e-9)
+    assert a[4]["ewc_penalty"] > 0
+
+
+@pytest.mark.slow
 def test_lambda_zero_continues_from_the_source_without_penalty(source):
     cfg = continued(source, "plain", lam=0.0, max_steps=1, lr=1e-12)  # lr ~0: the export must equal the source
     fit(cfg)
