@@ -21,7 +21,8 @@ Suites (subcommands):
   Our arm uses the fast path (``--fast``, ``model.fast``: static-shape heads + compiled encoders) by default on
   CUDA only; masking uses a static count per block for both arms (BERT's reference pipeline does the same).
 
-* ``decouple``: DESIGN.md §4 invariant (4). Local-update pipelines of K processes (``torchrun``, gloo on CPU /
+* ``decouple``: DESIGN.md §4 invariant (4). Local-update (and, with ``--synthetic``, synthetic-gradient with
+  staleness ``--staleness``) pipelines of K processes (``torchrun``, gloo on CPU /
   NCCL on GPU, one thread per process on CPU) against the single-process backprop step of the trainer
   (``accumulate_gradients`` + clip + AdamW) on the same model, global batch and number of steps. The baseline
   runs with 1 and with ``--baseline-threads`` threads so the comparison is honest; ``ratio`` is tok/s over the
@@ -70,9 +71,12 @@ class RandomTokenizer:
         return {f"t{i}": i for i in range(self.vocab_size)}
 
 
-def bench_config(args, chunks: int):
+def bench_config(args, chunks: int, mode: str = "local"):
     from pretrain.config import config_from_dict
 
+    decouple = {"mode": mode if chunks > 1 else "none", "chunks": chunks}
+    if decouple["mode"] == "synthetic":
+        decouple["synthetic"] = {"staleness": args.staleness}
     return config_from_dict({
         "output_dir": "unused",
         "data": {"files": ["random-tokens"], "block_size": args.seq, "num_workers": 0},
@@ -81,7 +85,7 @@ def bench_config(args, chunks: int):
                   "hidden_dropout": 0.1, "attention_dropout": 0.1},
         "train": {"micro_batch_size": args.batch, "grad_accum": args.accum, "max_steps": 10 ** 6, "lr": 1e-3,
                   "warmup_steps": 0, "schedule": "constant", "device": args.device},
-        "decouple": {"mode": "local" if chunks > 1 else "none", "chunks": chunks},
+        "decouple": decouple,
         "log": {"tensorboard": False},
     })
 
@@ -112,7 +116,7 @@ def run_worker(args) -> None:
     from pretrain.decouple.runtime import (Pipeline, build_chunked_model, init_distributed, pick_device,
                                            resolve_layout, window_normalizers)
 
-    cfg = bench_config(args, args.chunks)
+    cfg = bench_config(args, args.chunks, "synthetic" if args.kind == "synthetic" else "local")
     tok = RandomTokenizer(args.vocab)
     set_seed(0)
     total = args.warmup + args.steps
@@ -155,6 +159,8 @@ def run_worker(args) -> None:
             pipeline.train_step(micro, window_normalizers(collator, micro, device), 1e-3)
 
         def sync():
+            if pipeline.synthetic:  # receive the outstanding true gradients first: flush waits for their sends
+                pipeline.exchange_gradients(drain=True)
             if pipeline.link is not None:
                 pipeline.link.flush()
             if device.type == "cuda":
@@ -169,6 +175,8 @@ def run_worker(args) -> None:
     for s in range(args.warmup, total):
         step(s)
     if world > 1:
+        if pipeline.synthetic:  # the last S true gradients: chunk k-1 is done when it has received them
+            pipeline.exchange_gradients(drain=True)
         pipeline.link.flush()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -194,7 +202,8 @@ def launch(args, kind: str, chunks: int, processes: int, threads: int) -> dict:
     """Run one configuration in fresh process(es) with ``threads`` threads each; returns its RESULT dict."""
     worker = [str(Path(__file__).resolve()), "_worker", "--kind", kind, "--chunks", str(chunks),
               "--threads", str(threads)]
-    for name in ("hidden", "layers", "heads", "vocab", "seq", "batch", "accum", "steps", "warmup", "device"):
+    for name in ("hidden", "layers", "heads", "vocab", "seq", "batch", "accum", "steps", "warmup", "device",
+                 "staleness"):
         worker += [f"--{name}", str(getattr(args, name))]
     if processes > 1:
         sys.path.insert(0, str(ROOT / "tests"))
@@ -240,6 +249,8 @@ def suite_decouple(args) -> list[dict]:
         configs.append((f"local-K{k}-{k}proc-1thread", "local", k, k, 1))
         if args.simulated:
             configs.append((f"local-K{k}-simulated-1thread", "local", k, 1, 1))
+        if args.synthetic:
+            configs.append((f"synthetic-S{args.staleness}-K{k}-{k}proc-1thread", "synthetic", k, k, 1))
     runs: dict[str, list[dict]] = {c[0]: [] for c in configs}
     rows = []
     for round_index in range(args.repeat):
@@ -598,6 +609,7 @@ def main(argv=None) -> int:
         p.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
         p.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps before the clock starts")
         p.add_argument("--device", choices=["cpu", "auto"], default="cpu")
+        p.add_argument("--staleness", type=int, default=1, help="S of the synthetic-gradient pipelines")
 
     p = sub.add_parser("decouple", help="local-update pipelines (K processes) vs the single-process backprop step")
     shape_args(p)
@@ -605,6 +617,7 @@ def main(argv=None) -> int:
     p.add_argument("--baseline-threads", type=int, default=2, help="also run the baseline with this many threads")
     p.add_argument("--simulated", action="store_true", help="also time the simulated runtime (1 process)")
     p.add_argument("--repeat", type=int, default=3, help="runs per configuration (round-robin); best run reported")
+    p.add_argument("--synthetic", action="store_true", help="also time synthetic-gradient pipelines (K processes)")
     p.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/decouple-<date>.json)")
 
     def model_args(p, suite: str, steps: int, steps_help: str):
@@ -632,7 +645,7 @@ def main(argv=None) -> int:
 
     w = sub.add_parser("_worker", help=argparse.SUPPRESS)
     shape_args(w)
-    w.add_argument("--kind", choices=["backprop", "local"], required=True)
+    w.add_argument("--kind", choices=["backprop", "local", "synthetic"], required=True)
     w.add_argument("--chunks", type=int, default=1)
     w.add_argument("--threads", type=int, default=1)
 

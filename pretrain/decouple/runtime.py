@@ -1,5 +1,5 @@
-"""Runtimes of ``decouple.mode: local``: simulated (one process runs every chunk) and distributed (one process per
-chunk), with one code path so their semantics are the same by construction.
+"""Runtimes of ``decouple.mode`` local and synthetic: simulated (one process runs every chunk) and distributed (one
+process per chunk), with one code path so their semantics are the same by construction.
 
 **Rank layout.** A launch of ``W = D × K`` processes (``torchrun --nproc_per_node K``, ``accelerate launch
 --num_processes K``; several machines with ``--nnodes``) holds D data-parallel replicas of a K-chunk pipeline::
@@ -21,8 +21,15 @@ down, so chunk k never waits for chunk k+1: while chunk k works on micro-batch t
 (and may run into the next optimizer step). Metrics, evaluation results and "checkpoint written" notes also flow
 up, to the process that holds the last chunk, which logs, commits checkpoints and exports; no step is a barrier.
 
-The simulated runtime is the same loop with every chunk local (no sends). Each chunk has its own dropout RNG
-stream, swapped into the global generator around the chunk's work, so both runtimes draw the same dropout masks.
+**Synthetic mode** (``synthetic.py``) adds one message kind flowing down: after its backward pass for micro-batch t,
+chunk k > 0 sends the true gradient of its input to chunk k-1, which receives the gradient of t-S right after it
+has computed micro-batch t (S = ``decouple.synthetic.staleness``). Warm-up and checkpoint steps drain: the window
+waits for all of its true gradients before the update, so a checkpoint never holds a half-finished exchange.
+
+The simulated runtime is the same loop with every chunk local (no sends; in synthetic mode the chunks hand each
+other their true gradients top chunk first, in the order the distributed processes receive them). Each chunk has
+its own dropout RNG stream, swapped into the global generator around the chunk's work, so both runtimes draw the
+same dropout masks.
 """
 
 from __future__ import annotations
@@ -391,19 +398,20 @@ class Pipeline:
             batch = to_device(batch, self.device)
             self._run(batch, lambda stage, inputs: stage.forward_backward(batch, inputs, normalizers, self.autocast))
             if self.synthetic:
-                self._exchange_gradients(drain=False)
+                self.exchange_gradients(drain=False)
         if self.synthetic:
             if drain:
-                self._exchange_gradients(drain=True)
+                self.exchange_gradients(drain=True)
             for stage in reversed(self.stages):
                 stage.release_graphs()
                 self._send_gradients(stage)
         for stage in self.stages:
             stage.update(lr, self.cfg.train.clip_grad_norm)
 
-    def _exchange_gradients(self, drain: bool) -> None:
+    def exchange_gradients(self, drain: bool) -> None:
         """Synthetic mode, top chunk first: send each chunk's input gradients down, then hand each chunk the true
-        output gradients that are due (all outstanding ones when ``drain``)."""
+        output gradients that are due (all outstanding ones when ``drain``: call that before ``link.flush()`` or a
+        barrier, which would otherwise wait for gradients nobody receives)."""
         for stage in reversed(self.stages):
             self._send_gradients(stage)
             for _ in range(len(stage.pending) if drain else stage.due()):
@@ -713,5 +721,5 @@ def _barrier() -> None:
     dist.barrier()
 
 
-__all__ = ["fit_decoupled", "Pipeline", "Stage", "SyntheticStage", "Layout", "resolve_layout", "build_chunked_model", "export_run",
-           "load_run", "export_stitched", "window_normalizers", "AUX_HEADS_FILE"]
+__all__ = ["fit_decoupled", "Pipeline", "Stage", "SyntheticStage", "Layout", "resolve_layout", "build_chunked_model",
+           "export_run", "load_run", "export_stitched", "window_normalizers", "AUX_HEADS_FILE", "SYNTHETIC_EXPORT_FILE"]

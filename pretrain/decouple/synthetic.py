@@ -4,8 +4,8 @@ cDNI conditioning, Czarnecki et al. 2017).
 Chunk k < K-1 has no loss of its own: it backpropagates ``M_k(h, context)``, a prediction of dL/dh for its output
 h [B, L, H], right after its forward pass. Chunk k+1 sends the true gradient δ of its input back; when δ for
 micro-batch t arrives (at most S = ``staleness`` micro-batches later), chunk k trains M_k on ``||M_k(h) − δ·c||²``
-(δ detached; c the window's target count over a running RMS of δ·count: ``target_scale``) and, with ``mix`` λ > 0, updates itself
-from ``λ·δ + (1−λ)·prediction`` if δ arrives before its optimizer step (it keeps micro-batch t's graph until then).
+(δ detached; c: see ``target_scale``) and, with ``mix`` λ > 0, updates itself from ``λ·δ + (1−λ)·prediction``
+if δ arrives before its optimizer step (it keeps micro-batch t's graph until then).
 During ``warmup_steps`` the chunk waits for δ and uses it alone. The last chunk trains on the objective's loss.
 Invariants: S = 0 and λ = 1 is backprop; an M_k that returns zero leaves chunk k at its initialisation (with
 weight decay 0: AdamW's decoupled decay shrinks weights even without a gradient).
