@@ -62,6 +62,22 @@ def build_optimizer(module: nn.Module, train_cfg, device_type: str) -> torch.opt
     )
 
 
+def step_if_finite(optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
+    """``optimizer.step()`` unless ``grad_norm`` is NaN/Inf; returns 1.0 where the update was skipped, else 0.0 (a
+    0-dim tensor on the gradients' device). A fused AdamW takes the decision on the device (its ``found_inf`` input,
+    as under a grad scaler: parameters, moments and step counts stay untouched) with no host sync; other optimizers
+    read the flag on the host."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    skipped = (~torch.isfinite(grad_norm)).float()
+    if inner.defaults.get("fused"):
+        inner.found_inf = skipped
+        optimizer.step()
+        inner.found_inf = None
+    elif not skipped.item():
+        optimizer.step()
+    return skipped
+
+
 def prepare_run_dir(cfg: Config, overwrite: bool, is_main: bool) -> Path:
     """Create the output dir, refusing one that holds a run with a different config. ``overwrite`` moves the old
     run aside to ``OUTPUT_DIR.bak-<time>`` (nothing is deleted) and starts afresh."""
@@ -215,7 +231,8 @@ def fit(cfg: Config, overwrite: bool = False) -> dict:
     if state["step"] == 0 and t.eval_every:
         logger.log({"step": 0, **evaluate(module, collator, data.validation, cfg, accelerator)}, prefix="eval")
     module.train()
-    step, window_start, data_wait, skipped = state["step"], time.perf_counter(), 0.0, 0
+    step, window_start, data_wait = state["step"], time.perf_counter(), 0.0
+    skipped, skipped_logged = torch.zeros((), device=accelerator.device), 0  # updates skipped (on the device)
     while step < t.max_steps:
         lr = apply_schedule(optimizer, t, step)  # the LR (and Adam's beta1 under one-cycle) of this step
         fetch_start = time.perf_counter()
@@ -234,11 +251,10 @@ def fit(cfg: Config, overwrite: bool = False) -> dict:
                 torch.stack([p.grad.norm() for p in module.parameters() if p.grad is not None]))
         # never step on a NaN/Inf (fp16 leaves that to the grad scaler, which must also see the overflow);
         # gradients are already all-reduced, so every process takes the same decision
-        if t.precision != "fp16" and not torch.isfinite(grad_norm):
-            skipped += 1
-            accelerator.print(f"step {step + 1}: non-finite gradient norm, skipping the update")
-        else:
+        if t.precision == "fp16":
             optimizer.step()
+        else:
+            skipped = skipped + step_if_finite(optimizer, grad_norm)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         state.update(step=step, tokens=state["tokens"] + tokens_per_step)
@@ -250,8 +266,12 @@ def fit(cfg: Config, overwrite: bool = False) -> dict:
             elapsed = time.perf_counter() - window_start
             steps_in_window = metrics.pop("n_steps", 1.0) / world
             tok_per_s = tokens_per_step * steps_in_window / elapsed
+            if int(skipped) > skipped_logged:
+                accelerator.print(f"step {step}: {int(skipped) - skipped_logged} update(s) skipped on a non-finite "
+                                  "gradient norm since the last log")
+            skipped_logged = int(skipped)
             record = {"step": step, "lr": lr, "tokens": state["tokens"], "tok_per_s": tok_per_s,
-                      "grad_norm": float(grad_norm), "skipped_steps": skipped,
+                      "grad_norm": float(grad_norm), "skipped_steps": skipped_logged,
                       "mfu": flops_per_step * steps_in_window / elapsed / (peak * world) if peak else None,
                       "data_wait": data_wait / elapsed, **metrics}
             record["loss"] = sum(w * record.get(p, 0.0) for p, (_, w) in objective.loss_parts.items())

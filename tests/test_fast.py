@@ -108,3 +108,32 @@ def test_compiled_encoders_keep_names_losses_and_export_logits(tokenizer, name, 
     for path, auto_class, reference in objective.export_targets(model, tmp_path / "export"):
         assert roundtrip_check(path, auto_class, reference, batch["input_ids"], batch["attention_mask"],
                                atol=1e-4)["max_abs_err"] <= 1e-4
+
+
+@pytest.mark.parametrize("fused", [True, None])
+def test_step_if_finite_skips_a_non_finite_update_entirely(fused):
+    """Fused AdamW decides on the device (found_inf); the foreach one on the host. A skipped step leaves weights,
+    moments and the step count untouched; a finite one is an ordinary AdamW step."""
+    from pretrain.trainer import step_if_finite
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    reference = copy.deepcopy(layer)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=fused)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.1)
+    for m in (layer, reference):
+        m(torch.randn(5, 4, generator=torch.Generator().manual_seed(1))).sum().backward()
+    assert step_if_finite(opt, torch.tensor(1.0)) == 0.0
+    ref_opt.step()
+    for p, q in zip(layer.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    before = copy.deepcopy(layer.state_dict())
+    state = copy.deepcopy(opt.state_dict()["state"])
+    assert step_if_finite(opt, torch.tensor(float("nan"))) == 1.0
+    assert step_if_finite(opt, torch.tensor(float("inf"))) == 1.0
+    for name, value in layer.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    for key, entry in opt.state_dict()["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(value, state[key][name]), (key, name)
+    assert getattr(opt, "found_inf", None) is None
