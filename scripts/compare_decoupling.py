@@ -14,7 +14,9 @@ control is ``decouple.freeze_lower=true`` with K=2 (chunk 0 keeps its random ini
 features). Writes ``benchmarks/decoupling-<date>.md`` (table) and ``.json`` (raw) and checks the smoke thresholds
 of DESIGN.md §4: backprop beats frozen by > 0.15 nats, local K=2 beats frozen by > 0.05 (exit status 1 if not).
 Reported: G = (L_frozen − L) / (L_frozen − L_backprop), the fraction of the frozen→backprop gap an arm closes, and
-the accuracy ratio to backprop (never loss ratios: the frozen control scores ~96% on those).
+the accuracy ratio to backprop (never loss ratios: the frozen control scores ~96% on those). Synthetic-gradient arms
+(``synthetic-K2*``) also report M_0's cosine with the true gradient over the last logging window; ``--reuse`` takes
+the rows of arms not run now from an earlier JSON of the same protocol.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ ARMS = {
     "local-K2": ["decouple.mode=local", "decouple.chunks=2"],
     "local-K4": ["decouple.mode=local", "decouple.chunks=4"],
     "frozen-lower-K2": ["decouple.mode=local", "decouple.chunks=2", "decouple.freeze_lower=true"],
+    # synthetic gradients (configs/decoupled-sg.yaml defaults: cDNI labels, mlp, rms-scaled targets, S = 1)
+    "synthetic-K2": ["decouple.mode=synthetic", "decouple.chunks=2"],
+    "synthetic-K2-h-only": ["decouple.mode=synthetic", "decouple.chunks=2", "decouple.synthetic.context=none"],
+    # batch = 1 micro-batch per step: with S >= 1 a true gradient always arrives after the step, so mixing needs S = 0
+    "synthetic-K2-S0-mix0.5": ["decouple.mode=synthetic", "decouple.chunks=2", "decouple.synthetic.mix=0.5",
+                               "decouple.synthetic.staleness=0"],
+    "synthetic-K2-warmup100": ["decouple.mode=synthetic", "decouple.chunks=2", "decouple.synthetic.warmup_steps=100"],
+    "synthetic-K2-unscaled": ["decouple.mode=synthetic", "decouple.chunks=2", "decouple.synthetic.target_scale=none"],
 }
 SMOKE = {"backprop": 0.15, "local-K2": 0.05}  # required margin (nats) over the frozen control
 
@@ -62,6 +72,10 @@ def run_arm(args, arm: str, seed: int) -> dict:
     row = {"arm": arm, "seed": seed, "loss": final["mlm_loss"], "acc": final["mlm_acc"],
            "n_masked": final.get("n_masked"), "seconds": round(time.perf_counter() - start, 1)}
     row.update({k: v for k, v in final.items() if k.startswith("chunk") and not k.endswith("_skipped_steps")})
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]  # (run records hold '"split": "train"' in their config)
+    if "chunk0_sg_cos" in train[-1]:  # synthetic arms: M_0's fit over the last logging window
+        row.update({k: train[-1][k] for k in ("chunk0_sg_cos", "chunk0_sg_norm_ratio", "chunk0_sg_loss")})
     print(json.dumps(row), flush=True)
     return row
 
@@ -75,6 +89,8 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
                          "acc": statistics.mean(r["acc"] for r in mine),
                          "loss_spread": max(r["loss"] for r in mine) - min(r["loss"] for r in mine),
                          "seeds": len(mine)}
+            if "chunk0_sg_cos" in mine[0]:
+                arms[arm]["sg_cos"] = statistics.mean(r["chunk0_sg_cos"] for r in mine)
     if "backprop" in arms and "frozen-lower-K2" in arms:
         bp, frozen = arms["backprop"], arms["frozen-lower-K2"]
         gap = frozen["loss"] - bp["loss"]
@@ -90,13 +106,14 @@ def markdown(args, arms: dict, checks: dict) -> str:
              f"Config `{args.config}`, {args.steps} steps (of a linear schedule over {args.schedule_steps}, warm-up "
              f"{args.warmup}), batch {args.batch}, seeds {args.seeds}, held-out MLM with fixed masks "
              f"({args.eval_batches} validation batches), CPU, simulated runtime.", "",
-             "| arm | held-out loss | accuracy | G | accuracy / backprop | margin vs frozen (nats) |",
-             "|---|---|---|---|---|---|"]
+             "| arm | held-out loss | accuracy | G | accuracy / backprop | margin vs frozen (nats) | SG cosine |",
+             "|---|---|---|---|---|---|---|"]
     for arm, s in arms.items():
         g = f"{s['G']:.2f}" if s.get("G") is not None else "–"
         ratio = f"{s['acc_ratio']:.2f}" if s.get("acc_ratio") is not None else "–"
         margin = f"{s['margin_vs_frozen']:+.3f}" if "margin_vs_frozen" in s else "–"
-        lines.append(f"| {arm} | {s['loss']:.3f} | {s['acc']:.3f} | {g} | {ratio} | {margin} |")
+        cos = f"{s['sg_cos']:.2f}" if "sg_cos" in s else "–"
+        lines.append(f"| {arm} | {s['loss']:.3f} | {s['acc']:.3f} | {g} | {ratio} | {margin} | {cos} |")
     lines += ["", "Smoke thresholds (DESIGN.md §4): " + ", ".join(
         f"{arm} beats frozen by > {need} nats: {'PASS' if ok else 'FAIL'}" for arm, (need, ok) in checks.items())]
     return "\n".join(lines) + "\n"
@@ -115,11 +132,20 @@ def main(argv=None) -> int:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare-decoupling")
     parser.add_argument("--override", nargs="*", default=[], help="extra key.sub=value overrides for every arm")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="JSON of an earlier run of this script (same protocol): its rows of arms not in --arms "
+                             "join the table (e.g. backprop and the frozen control)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks",
                         help="folder for decoupling-<date>.md / .json")
     args = parser.parse_args(argv)
 
     rows = [run_arm(args, arm, seed) for seed in args.seeds for arm in args.arms]
+    if args.reuse:
+        earlier = json.loads(args.reuse.read_text())
+        same = {k: earlier[k] for k in ("steps", "schedule_steps", "warmup", "batch")}
+        if same != {k: getattr(args, k) for k in same}:
+            raise SystemExit(f"--reuse {args.reuse} used another protocol: {same}")
+        rows += [r for r in earlier["runs"] if r["arm"] not in args.arms and r["seed"] in args.seeds]
     arms = summarise(rows)
     frozen = arms.get("frozen-lower-K2")
     checks = {arm: (need, frozen["loss"] - arms[arm]["loss"] > need)

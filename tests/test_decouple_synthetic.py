@@ -240,7 +240,7 @@ def test_synthetic_module_math_is_fp32_under_bf16_autocast():
     it executes and fails on a bf16 one: the check cannot take the test process down."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from pretrain.decouple.synthetic import SyntheticGradient
+    from pretrain.decouple.runtime import build_chunked_model
 
     matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
                torch.ops.aten.baddbmm.default, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
@@ -258,8 +258,6 @@ def test_synthetic_module_math_is_fp32_under_bf16_autocast():
     tok = make_tokenizer()
     cfg = make_cfg(arch="layer")
     torch.manual_seed(0)
-    from pretrain.decouple.runtime import build_chunked_model
-
     model, collator = build_chunked_model(cfg, tok)
     module = model.synthetic[0]
     torch.nn.init.normal_(module.out.weight, std=0.02)  # a non-zero prediction

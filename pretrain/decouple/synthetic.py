@@ -97,7 +97,9 @@ class NoHead(nn.Module):
 @dataclass
 class Pending:
     """A micro-batch whose true output gradient chunk k still awaits. ``hidden``/``loss``/``leaf`` hold its graph
-    until the chunk backpropagates it (None after); ``prediction`` is the unscaled dL/dh that was (or will be) used."""
+    until the chunk backpropagates it (None after); ``features`` is h detached [B, L, H] (M_k's input, again when
+    it trains); ``prediction`` the unscaled dL/dh that was (or will be) used; ``count`` the window's masked count
+    (1 with ``target_scale: none``)."""
 
     index: int
     hidden: torch.Tensor | None
