@@ -273,6 +273,24 @@ def test_synthetic_module_math_is_fp32_under_bf16_autocast():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in module.out.parameters())
 
 
+def test_token_cosine_is_one_for_collapsed_outputs_and_ignores_padding():
+    from pretrain.decouple.synthetic import token_cosine
+
+    gen = torch.Generator().manual_seed(0)
+    same = torch.randn(1, 1, 64, generator=gen).expand(3, 8, 64)
+    assert token_cosine(same, None) == pytest.approx(1.0)
+    eye = torch.eye(8).repeat(2, 1, 1)  # 8 orthogonal tokens: only the 8 self-pairs of 64 count
+    assert token_cosine(eye, None) == pytest.approx(1 / 8)
+    mask = torch.ones(2, 8)
+    mask[:, 4:] = 0
+    padded = eye.clone()
+    padded[:, 4:] = padded[:, 0:1]  # padding that would look collapsed with the first token
+    assert token_cosine(padded, mask) == pytest.approx(1 / 4)
+    # random directions: 1/L in expectation (off-diagonal cosines average 0; s.d. of the result here ≈ 0.001)
+    rand = torch.randn(4, 128, 64, generator=gen)
+    assert token_cosine(rand, None) == pytest.approx(1 / 128, abs=0.005)
+
+
 # --------------------------------------------------------------------------- runs
 
 
@@ -285,7 +303,7 @@ def train_records(run: Path) -> dict[int, dict]:
     return records
 
 
-KEYS = ("mlm_loss", "mlm_acc", "chunk0_sg_loss", "chunk0_sg_cos")
+KEYS = ("mlm_loss", "mlm_acc", "chunk0_sg_loss", "chunk0_sg_cos", "chunk0_token_cos")
 
 
 @pytest.fixture

@@ -85,6 +85,16 @@ class SyntheticGradient(nn.Module):
             return self.out(x)
 
 
+def token_cosine(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean cosine between the output vectors of a block's tokens (all pairs of non-pad tokens, self-pairs included),
+    averaged over the blocks of hidden [B, L, H]: 1 = every token collapsed onto one vector (DESIGN.md §4: what
+    drives a synthetic-gradient run below the frozen control). Computed as ||mean of unit vectors||², O(B·L·H)."""
+    valid = torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None else attention_mask.float()
+    unit = torch.nn.functional.normalize(hidden.detach().float(), dim=-1) * valid[..., None]
+    mean = unit.sum(1) / valid.sum(1).clamp(min=1)[:, None]
+    return mean.pow(2).sum(-1).mean()
+
+
 class NoHead(nn.Module):
     """Head of a non-final chunk in synthetic mode: no loss (the chunk learns from the predicted gradient)."""
 
@@ -124,6 +134,7 @@ class SyntheticStageMixin:
         if self.module is not None:
             self.sg_optimizer = torch.optim.AdamW(self.module.parameters(), lr=self.options.lr, weight_decay=0.0)
             names = {f"chunk{k}_sg_{m}": f"n_sg{k}" for m in ("loss", "cos", "norm_ratio")}
+            names[f"chunk{k}_token_cos"] = f"n_out{k}"
             self.tracker.metric_counts = {**self.tracker.metric_counts, **names}
         self.pending: collections.deque[Pending] = collections.deque()
         #: true gradients of this chunk's input (micro-batch order), for chunk k-1
@@ -155,6 +166,8 @@ class SyntheticStageMixin:
             with torch.no_grad():
                 prediction = self.module(features, batch["labels"], mask) / self._scale(count)
             entry = Pending(self.seen, hidden, loss, leaf, features, batch["labels"], mask, prediction, count)
+            self.tracker.add({f"chunk{self.k}_token_cos": token_cosine(features, batch.get("attention_mask")),
+                              f"n_out{self.k}": torch.ones((), device=features.device)})
             if not (self.use_true or self.options.mix > 0):
                 self._backward(entry, prediction)
             self.pending.append(entry)
@@ -252,4 +265,4 @@ class SyntheticStageMixin:
                                   f"{type(e).__name__}: {e}") from e
 
 
-__all__ = ["SyntheticGradient", "NoHead", "SyntheticStageMixin", "SYNTHETIC_FILE", "SYNTHETIC_EXPORT_FILE"]
+__all__ = ["SyntheticGradient", "NoHead", "token_cosine", "SyntheticStageMixin", "SYNTHETIC_FILE", "SYNTHETIC_EXPORT_FILE"]
