@@ -45,6 +45,10 @@ ARMS = {
     # batch = 1 micro-batch per step: with S >= 1 a true gradient always arrives after the step, so mixing needs S = 0
     "synthetic-K2-S0-mix0.5": ["decouple.mode=synthetic", "decouple.chunks=2", "decouple.synthetic.mix=0.5",
                                "decouple.synthetic.staleness=0"],
+    # the same 64 blocks as 2 micro-batches of 32: with S = 1 the first one's true gradient arrives before the step
+    # (evaluation batches are micro-batches: 32 of 32 = the other arms' 16 of 64 validation blocks, same masks)
+    "synthetic-K2-S1-mix0.5-accum2": ["decouple.mode=synthetic", "decouple.chunks=2", "decouple.synthetic.mix=0.5",
+                                      "train.micro_batch_size=32", "train.grad_accum=2", "train.eval_batches=32"],
     "synthetic-K2-warmup100": ["decouple.mode=synthetic", "decouple.chunks=2", "decouple.synthetic.warmup_steps=100"],
     "synthetic-K2-unscaled": ["decouple.mode=synthetic", "decouple.chunks=2", "decouple.synthetic.target_scale=none"],
 }

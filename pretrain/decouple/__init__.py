@@ -1,6 +1,8 @@
-"""Layer decoupling (DESIGN.md §4): the encoder cut into chunks that learn from local losses.
+"""Layer decoupling (DESIGN.md §4): the encoder cut into chunks that learn from local losses (mode local) or from
+synthetic gradients (mode synthetic).
 
 ``chunks``: cutting the model, auxiliary heads, the per-chunk forward with detached inputs.
+``synthetic``: the synthetic-gradient modules M_k and the per-chunk logic that uses and trains them.
 ``runtime``: the simulated (one process) and distributed (one process per chunk) runtimes and ``fit_decoupled``,
 which ``pretrain.trainer.fit`` calls when ``decouple.mode`` is not ``none``.
 """
