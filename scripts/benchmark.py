@@ -448,6 +448,21 @@ def step_arms(args, objective_name: str, device):
     return cfg, objective, {"baseline": baseline_step, "ours": our_step}, first_losses, n_params
 
 
+def seconds_per_step(step, batches: list[dict], steps: int, device) -> float:
+    """Wall time of ``steps`` calls of ``step`` over ``batches`` (cycled) divided by ``steps``; CUDA is
+    synchronised before the clock starts and before it stops."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for s in range(steps):
+        step(batches[s % len(batches)])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
 def suite_step(args) -> list[dict]:
     import statistics
 
@@ -471,15 +486,10 @@ def suite_step(args) -> list[dict]:
         for _ in range(args.repeat):
             for arm, fn in steps.items():
                 if device.type == "cuda":
-                    torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                start = time.perf_counter()
-                for s in range(args.steps):
-                    fn(batches[s % len(batches)])
+                times[arm].append(seconds_per_step(fn, batches, args.steps, device))
                 if device.type == "cuda":
-                    torch.cuda.synchronize()
                     peaks[arm] = max(peaks[arm] or 0.0, torch.cuda.max_memory_allocated() / 2 ** 20)
-                times[arm].append((time.perf_counter() - start) / args.steps)
         tokens = args.batch * args.seq
         flops = tokens * train_flops_per_token(n_params, cfg.model.num_layers, cfg.model.hidden_size, args.seq)
         peak = peak_flops(env["device"])
@@ -573,16 +583,7 @@ def suite_e2e(args) -> list[dict]:
                        for t in range(8)]
             for t in range(args.steps):  # warm-up, as fit's first window
                 step(batches[t % len(batches)])
-            times = []
-            for _ in range(args.repeat):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                for t in range(args.steps):
-                    step(batches[t % len(batches)])
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append((time.perf_counter() - start) / args.steps)
+            times = [seconds_per_step(step, batches, args.steps, device) for _ in range(args.repeat)]
             pure = args.batch * args.seq / statistics.median(times)
             row = {"suite": "e2e", "objective": objective_name, "preset": args.preset, "seq": args.seq,
                    "batch": args.batch, "workers": args.workers, "precision": cfg.train.precision,

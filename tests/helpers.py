@@ -64,3 +64,23 @@ def tiny_model_config(**overrides):
                 hidden_dropout=0.0, attention_dropout=0.0)
     base.update(overrides)
     return ModelConfig(**base)
+
+
+def write_tiny_config(path, corpus, cache, **train):
+    """A YAML config at ``path`` for a 2 x 32 BERT on ``corpus/*.txt`` (blocks of 32, vocab 200, CPU, no
+    TensorBoard, run in ``path.parent / "run"``); ``train`` overrides the train section."""
+    import yaml
+
+    cfg = {
+        "output_dir": str(path.parent / "run"),
+        "data": {"files": [str(corpus / "*.txt")], "block_size": 32, "validation_fraction": 0.1,
+                 "cache_dir": str(cache), "num_workers": 0},
+        "tokenizer": {"vocab_size": 200},
+        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
+                  "max_position_embeddings": 64},
+        "train": {"micro_batch_size": 4, "max_steps": 8, "lr": 1e-3, "warmup_steps": 2, "log_every": 1,
+                  "eval_every": 0, "eval_batches": 1, "device": "cpu", **train},
+        "log": {"tensorboard": False},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path

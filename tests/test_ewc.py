@@ -236,6 +236,15 @@ def test_continued_run_with_ewc_trains_logs_penalty_and_resumes_exactly(source, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def assert_same_four_steps(one: Path, two: Path) -> None:
+    """Two runs logged the same MLM losses and EWC penalties at steps 1-4, and the penalty is active by then."""
+    a, b = train_log(one), train_log(two)
+    for step in range(1, 5):
+        assert b[step]["mlm_loss"] == pytest.approx(a[step]["mlm_loss"], abs=1e-5)
+        assert b[step]["ewc_penalty"] == pytest.approx(a[step]["ewc_penalty"], rel=1e-4, abs=1e-9)
+    assert a[4]["ewc_penalty"] > 0
+
+
 @pytest.mark.slow
 def test_grad_accum_2_gives_the_same_ewc_run_as_1(source):
     """micro 4 x accum 1 vs micro 2 x accum 2 (fisher_batches doubled so both Fishers use the same 8 blocks): the
@@ -244,11 +253,7 @@ def test_grad_accum_2_gives_the_same_ewc_run_as_1(source):
     two = continued(source, "accum2", lam=50.0, max_steps=4, micro_batch_size=2, grad_accum=2, fisher_batches=4)
     fit(one)
     fit(two)
-    a, b = train_log(Path(one.output_dir)), train_log(Path(two.output_dir))
-    for step in range(1, 5):
-        assert b[step]["mlm_loss"] == pytest.approx(a[step]["mlm_loss"], abs=1e-5)
-        assert b[step]["ewc_penalty"] == pytest.approx(a[step]["ewc_penalty"], rel=1e-4, abs=1e-9)
-    assert a[4]["ewc_penalty"] > 0
+    assert_same_four_steps(Path(one.output_dir), Path(two.output_dir))
 
 
 @pytest.mark.slow
@@ -263,11 +268,7 @@ def test_two_processes_give_the_same_ewc_run_as_one(source):
     path.write_text(json.dumps(config_to_dict(two)))
     torchrun(2, str(Path(__file__).parent.parent / "scripts" / "pretrain.py"), str(path))
     fit(one)
-    a, b = train_log(Path(one.output_dir)), train_log(Path(two.output_dir))
-    for step in range(1, 5):
-        assert b[step]["mlm_loss"] == pytest.approx(a[step]["mlm_loss"], abs=1e-5)
-        assert b[step]["ewc_penalty"] == pytest.approx(a[step]["ewc_penalty"], rel=1e-4, abs=1e-9)
-    assert a[4]["ewc_penalty"] > 0
+    assert_same_four_steps(Path(one.output_dir), Path(two.output_dir))
 
 
 @pytest.mark.slow

@@ -11,31 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from helpers import toy_corpus
+from helpers import toy_corpus, write_tiny_config
 from pretrain.config import ConfigError, TrainConfig, load_config
 from pretrain.lr_find import SmoothedLoss, auto_smoothing, exponential_lrs, suggest_lrs
 from pretrain.schedules import apply_schedule, lr_at, lr_for, momentum_for, onecycle_at
 
 ROOT = Path(__file__).parent.parent
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
-
-
-def write_config(path: Path, corpus: Path, cache: Path, **train) -> Path:
-    cfg = {
-        "output_dir": str(path.parent / "run"),
-        "data": {"files": [str(corpus / "*.txt")], "block_size": 32, "validation_fraction": 0.1,
-                 "cache_dir": str(cache), "num_workers": 0},
-        "tokenizer": {"vocab_size": 200},
-        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
-                  "max_position_embeddings": 64},
-        "train": {"micro_batch_size": 4, "max_steps": 8, "lr": 1e-3, "warmup_steps": 2, "log_every": 1,
-                  "eval_every": 0, "eval_batches": 1, "device": "cpu", **train},
-        "log": {"tensorboard": False},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,7 +73,7 @@ def test_lr_find_stops_on_divergence_and_writes_csv_png(tmp_path, corpus_and_cac
     from pretrain.lr_find import main
 
     corpus, cache = corpus_and_cache
-    cfg = write_config(tmp_path / "c.yaml", corpus, cache)
+    cfg = write_tiny_config(tmp_path / "c.yaml", corpus, cache)
     out = tmp_path / "lrf"
     args = [str(cfg), "train.micro_batch_size=8", "--min-lr", "1e-5", "--max-lr", "1e5", "--steps", "60",
             "--smoothing", "0.8", "--out", str(out)]
@@ -187,8 +170,8 @@ def test_trainer_sets_lr_and_beta1_per_step_under_onecycle(tmp_path, corpus_and_
     from pretrain.trainer import fit
 
     corpus, cache = corpus_and_cache
-    path = write_config(tmp_path / "c.yaml", corpus, cache, schedule="onecycle", max_steps=5, save_every=0, lr=2e-3,
-                        onecycle_pct_start=0.4)
+    path = write_tiny_config(tmp_path / "c.yaml", corpus, cache, schedule="onecycle", max_steps=5, save_every=0,
+                             lr=2e-3, onecycle_pct_start=0.4)
     # the export's fresh-process round trip is tested elsewhere; it would double this test's time
     monkeypatch.setattr(pretrain.trainer, "roundtrip_check", lambda *a, **k: {"class": "-", "max_abs_err": 0.0})
     fit(load_config(path))

@@ -1,6 +1,7 @@
 """End-to-end runs of the CLI on a small local corpus: training, exact resume after SIGKILL, export round trip,
 data parallelism, and bad input that must fail clearly without touching existing runs."""
 
+import functools
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from distributed import torchrun
-from helpers import toy_corpus
+from helpers import toy_corpus, write_tiny_config
 
 ROOT = Path(__file__).parent.parent
 SCRIPT = str(ROOT / "scripts" / "pretrain.py")
@@ -31,20 +32,8 @@ def corpus(tmp_path_factory):
     return d
 
 
-def write_config(path: Path, corpus: Path, cache: Path, **train) -> Path:
-    cfg = {
-        "output_dir": str(path.parent / "run"),
-        "data": {"files": [str(corpus / "*.txt")], "block_size": 32, "validation_fraction": 0.1,
-                 "cache_dir": str(cache), "num_workers": 0},
-        "tokenizer": {"vocab_size": 200},
-        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
-                  "max_position_embeddings": 64},
-        "train": {"micro_batch_size": 4, "max_steps": 8, "lr": 1e-3, "warmup_steps": 2, "save_every": 2,
-                  "log_every": 1, "eval_every": 4, "eval_batches": 2, "keep_last": 2, "device": "cpu", **train},
-        "log": {"tensorboard": False},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+#: checkpoints every 2 steps, evaluation every 4
+write_config = functools.partial(write_tiny_config, save_every=2, eval_every=4, eval_batches=2, keep_last=2)
 
 
 def run_cli(*args, check=True):
