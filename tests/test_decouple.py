@@ -143,19 +143,20 @@ def test_chunks_own_disjoint_parameters_covering_the_model_and_decoders_are_unti
 # --------------------------------------------------------------------------- K = 1 is backprop
 
 
-@pytest.mark.parametrize("objective", ["mlm", "span", "electra"])
-def test_one_chunk_local_training_equals_ordinary_backprop(objective):
-    """K=1: the runtime's steps (normalisers, clipping, AdamW, schedule) give the losses and parameters of the
-    trainer's ``accumulate_gradients`` + clip + AdamW on the same model and micro-batches."""
+@pytest.mark.parametrize("objective,schedule", [("mlm", "linear"), ("span", "linear"), ("electra", "linear"),
+                                                ("mlm", "onecycle")])
+def test_one_chunk_local_training_equals_ordinary_backprop(objective, schedule):
+    """K=1: the runtime's steps (normalisers, clipping, AdamW, schedule incl. one-cycle's beta1) give the losses and
+    parameters of the trainer's ``accumulate_gradients`` + clip + AdamW on the same model and micro-batches."""
     from accelerate import Accelerator
 
     from objectives import get_objective
     from pretrain.decouple.runtime import Layout, Pipeline, build_chunked_model, window_normalizers
-    from pretrain.schedules import lr_for
+    from pretrain.schedules import apply_schedule, lr_for
     from pretrain.trainer import PretrainModule, accumulate_gradients, build_optimizer
 
     tok = make_tokenizer()
-    cfg = make_cfg(objective=objective, chunks=1, max_steps=4, warmup_steps=1)
+    cfg = make_cfg(objective=objective, chunks=1, max_steps=4, warmup_steps=1, schedule=schedule)
     examples = [dict(e, index=i) for i, e in enumerate(packed_examples(tok, 32, length=32))]
 
     torch.manual_seed(0)
@@ -166,8 +167,7 @@ def test_one_chunk_local_training_equals_ordinary_backprop(objective):
     module, optimizer = accelerator.prepare(module, optimizer)
     ref_losses = []
     for step in range(4):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_for(cfg.train, step)
+        apply_schedule(optimizer, cfg.train, step)
         micro = [obj.collate(examples[8 * step + 4 * i: 8 * step + 4 * i + 4]) for i in range(2)]
         outs = accumulate_gradients(module, obj, micro, accelerator)
         ref_losses.append([float(o["loss"].detach()) for o in outs])
@@ -185,7 +185,7 @@ def test_one_chunk_local_training_equals_ordinary_backprop(objective):
     losses = []
     for step in range(4):
         micro = [collator.collate(examples[8 * step + 4 * i: 8 * step + 4 * i + 4]) for i in range(2)]
-        pipeline.train_step(micro, window_normalizers(collator, micro, "cpu"), lr_for(cfg.train, step))
+        pipeline.train_step(micro, window_normalizers(collator, micro, "cpu"), lr_for(cfg.train, step), step)
         losses.append(seen[-2:])
     assert losses == ref_losses
     ref = dict(accelerator.unwrap_model(module).named_parameters())

@@ -55,7 +55,7 @@ from ..config import Config, config_to_dict, save_config
 from ..data.stream import StreamDataset, to_device
 from ..export import roundtrip_check
 from ..metrics import MetricsLogger, MetricTracker, peak_flops, train_flops_per_token
-from ..schedules import lr_for
+from ..schedules import lr_for, momentum_for
 from ..trainer import VALIDATION_INDEX_OFFSET, build_optimizer, check_tokenizer, make_loader, prepare_run_dir
 from .chunks import ChunkedModel
 from .synthetic import SYNTHETIC_EXPORT_FILE, SYNTHETIC_FILE, SyntheticStageMixin
@@ -274,12 +274,15 @@ class Stage:
         self.tracker.add(out)
         return outputs
 
-    def update(self, lr: float, clip: float) -> None:
-        """Clip this chunk's gradients, skip its update on a non-finite norm, step, zero the gradients."""
+    def update(self, lr: float, clip: float, beta1: float | None = None) -> None:
+        """Clip this chunk's gradients, skip its update on a non-finite norm, step, zero the gradients. ``beta1``:
+        Adam's beta1 for this step (one-cycle), None = unchanged."""
         if self.frozen:
             return
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+            if beta1 is not None:
+                group["betas"] = (beta1, *group["betas"][1:])
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grads = [p for p in self.params if p.grad is not None]
@@ -385,7 +388,7 @@ class Pipeline:
                 self.link.send_activations(inputs, k)
 
     def train_step(self, micro_batches: list[dict], normalizers: dict, lr: float, step: int | None = None) -> None:
-        """One optimizer step of every local chunk. ``step`` (0-based; synthetic mode only): during
+        """One optimizer step of every local chunk. ``step`` (0-based): one-cycle's beta1 and, in synthetic mode, during
         ``synthetic.warmup_steps`` and on checkpoint steps the window waits for all its true gradients (a drained
         pipeline is what a checkpoint can hold); None = neither."""
         drain = False
@@ -405,8 +408,9 @@ class Pipeline:
             for stage in reversed(self.stages):
                 stage.release_graphs()
                 self._send_gradients(stage)
+        beta1 = momentum_for(self.cfg.train, step) if step is not None else None  # one-cycle only
         for stage in self.stages:
-            stage.update(lr, self.cfg.train.clip_grad_norm)
+            stage.update(lr, self.cfg.train.clip_grad_norm, beta1)
 
     def exchange_gradients(self, drain: bool) -> None:
         """Synthetic mode, top chunk first: send each chunk's input gradients down, then hand each chunk the true
