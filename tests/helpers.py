@@ -84,3 +84,13 @@ def write_tiny_config(path, corpus, cache, **train):
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def assert_config_rejected(tree: dict, message: str) -> None:
+    """A config with a 4-layer model, a corpus and ``tree`` merged in fails with a ConfigError matching ``message``."""
+    import pytest
+
+    from pretrain.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"data": {"files": ["x.txt"]}, "model": {"num_layers": 4}, **tree})

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from distributed import free_port, torchrun
-from helpers import make_tokenizer, packed_examples, tiny_model_config
-from pretrain.config import ConfigError, DecoupleConfig, config_from_dict
+from helpers import assert_config_rejected, make_tokenizer, packed_examples
+from pretrain.config import DecoupleConfig, config_from_dict
 
 TESTS = Path(__file__).parent
 WORKER = str(TESTS / "dist" / "decouple_worker.py")
@@ -67,9 +67,7 @@ def test_auto_boundaries_balance_layers_and_explicit_ones_are_used():
     ({"decouple": {"mode": "local", "chunks": 2, "aux_head": "layers"}}, "did you mean 'layer'"),
 ])
 def test_bad_decouple_configs_fail_naming_the_key(tree, message):
-    base = {"data": {"files": ["x.txt"]}, "model": {"num_layers": 4}}
-    with pytest.raises(ConfigError, match=message):
-        config_from_dict({**base, **tree})
+    assert_config_rejected(tree, message)
 
 
 def test_decoupled_local_yaml_parses():
