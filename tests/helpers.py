@@ -94,3 +94,16 @@ def assert_config_rejected(tree: dict, message: str) -> None:
 
     with pytest.raises(ConfigError, match=message):
         config_from_dict({"data": {"files": ["x.txt"]}, "model": {"num_layers": 4}, **tree})
+
+
+def train_records(run) -> dict[int, dict]:
+    """Last train record per step of a run's metrics.jsonl (a resumed run re-logs the steps it redoes)."""
+    import json
+    from pathlib import Path
+
+    records = {}
+    for line in (Path(run) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["split"] == "train":
+            records[rec["step"]] = rec
+    return records

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from distributed import free_port, torchrun
-from helpers import assert_config_rejected, make_tokenizer, packed_examples
+from helpers import assert_config_rejected, make_tokenizer, packed_examples, train_records
 from pretrain.config import DecoupleConfig, config_from_dict
 
 TESTS = Path(__file__).parent
@@ -216,16 +216,6 @@ def test_freeze_lower_keeps_lower_chunks_at_their_initialisation():
 
 
 # --------------------------------------------------------------------------- runs: distributed == simulated
-
-
-def train_records(run: Path) -> dict[int, dict]:
-    """Last train record per step (a resumed run re-logs the steps it redoes)."""
-    records = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["split"] == "train":
-            records[rec["step"]] = rec
-    return records
 
 
 LOSS_KEYS = ("chunk0_mlm_loss", "chunk0_mlm_acc", "chunk1_mlm_loss", "chunk1_mlm_acc", "mlm_loss", "mlm_acc")

@@ -2,7 +2,6 @@
 control; S = 0 with λ = 1 is backprop), M_k learns, distributed == simulated, exact resume, export, fp32 SG math
 under bf16 autocast, config checks."""
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from distributed import torchrun
-from helpers import assert_config_rejected, make_tokenizer, packed_examples
+from helpers import assert_config_rejected, make_tokenizer, packed_examples, train_records
 from pretrain.config import config_from_dict
 
 TESTS = Path(__file__).parent
@@ -292,15 +291,6 @@ def test_token_cosine_is_one_for_collapsed_outputs_and_ignores_padding():
 
 
 # --------------------------------------------------------------------------- runs
-
-
-def train_records(run: Path) -> dict[int, dict]:
-    records = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["split"] == "train":
-            records[rec["step"]] = rec
-    return records
 
 
 KEYS = ("mlm_loss", "mlm_acc", "chunk0_sg_loss", "chunk0_sg_cos", "chunk0_token_cos")
