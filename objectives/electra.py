@@ -249,18 +249,39 @@ class ElectraObjective(Objective):
         replaced/original positions depend on the generator's samples and come with ``forward``'s output."""
         return {"n_masked": (batch["labels"] != IGNORE_INDEX).sum(), "n_tokens": batch["attention_mask"].sum()}
 
-    def sample(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor], selected: torch.Tensor) -> torch.Tensor:
-        """Replacement tokens [M] for the masked positions ``selected`` [B, L] (row-major order) from ``logits``
-        [M, V]: Gumbel-max at ``temperature``, fp32, no gradient, noise keyed by (seed, sample index, position)."""
-        return self.sample_at(logits, batch, torch.nonzero(selected.flatten()).squeeze(1), selected.shape[1])
-
-    def sample_at(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor], index: torch.Tensor,
-                  block_len: int) -> torch.Tensor:
-        """:meth:`sample` for the flat positions ``index`` [M] into [B, L] blocks of ``block_len`` tokens."""
+    def sample(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor], index: torch.Tensor,
+               block_len: int) -> torch.Tensor:
+        """Replacement tokens [M] for the flat masked positions ``index`` [M] into [B, L] blocks of ``block_len``
+        tokens, from ``logits`` [M, V]: Gumbel-max at ``temperature``, fp32, no gradient, noise keyed by (seed,
+        sample index, position)."""
         if "sample_index" not in batch:
             raise KeyError("the ELECTRA batch has no 'sample_index'; build batches with ElectraObjective.collate")
         sample_index = batch["sample_index"].to(logits.device)[index // block_len]
         return gumbel_sample(logits.detach(), self.seed, sample_index, index % block_len, self.config.temperature)
+
+    def generate(self, generator: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The generator half of the step (also the decoupled runtime's chunk 0): sparse MLM head on the masked
+        positions, replacements sampled without gradient, the corrupted block.
+
+        Returns {gen_sum (with graph), gen_correct, selected [B, L] bool, sampled [M], sampled_valid [M] bool (False
+        on padding rows of ``static_shapes``), disc_input_ids [B, L], replaced [B, L] bool (sample != original)}."""
+        selected = batch["labels"] != IGNORE_INDEX
+        index, valid = self.gather_index(selected)  # [M] flat positions (M fixed under static_shapes)
+        hidden = generator.electra(input_ids=batch["input_ids"],
+                                   attention_mask=batch["attention_mask"]).last_hidden_state
+        logits = generator.generator_lm_head(generator.generator_predictions(hidden.flatten(0, 1)[index]))  # [M, V]
+        gen_sum, gen_correct = self.masked_lm_sums(logits, self.gather_targets(batch["labels"], index, valid))
+
+        # corrupt the block with the generator's samples; an integer sample carries no gradient back
+        sampled = self.sample(logits, batch, index, selected.shape[1])
+        original = batch["original_ids"]
+        flat = original.flatten()
+        # add (sample - original) at the valid positions; padding rows add 0 (their index 0 may repeat)
+        delta = torch.where(valid, sampled - flat[index], 0)
+        disc_ids = (flat + torch.zeros_like(flat).index_put_((index,), delta, accumulate=True)).view_as(original)
+        return {"gen_sum": gen_sum, "gen_correct": gen_correct, "selected": selected, "sampled": sampled,
+                "sampled_valid": valid, "disc_input_ids": disc_ids,
+                "replaced": disc_ids != original}  # a sampled original token counts as "original"
 
     def max_selected(self, block_len: int) -> int:
         """round(mask_ratio * L): the static count of a full block (a block with n <= L candidates masks fewer)."""
@@ -274,23 +295,9 @@ class ElectraObjective(Objective):
         aux {sampled [M], sampled_valid [M] bool (False on padding rows of ``static_shapes``), disc_input_ids
         [B, L], replaced [B, L] bool, disc_logits [B, L]}."""
         attention_mask = batch["attention_mask"]
-        selected = batch["labels"] != IGNORE_INDEX
-        index, valid = self.gather_index(selected)  # [M] flat positions (M fixed under static_shapes)
-
-        # generator: sparse MLM head on the M masked positions
-        generator = model.generator
-        hidden = generator.electra(input_ids=batch["input_ids"], attention_mask=attention_mask).last_hidden_state
-        logits = generator.generator_lm_head(generator.generator_predictions(hidden.flatten(0, 1)[index]))  # [M, V]
-        gen_sum, gen_correct = self.masked_lm_sums(logits, self.gather_targets(batch["labels"], index, valid))
-
-        # corrupt the block with the generator's samples; an integer sample carries no gradient back
-        sampled = self.sample_at(logits, batch, index, selected.shape[1])
-        original = batch["original_ids"]
-        flat = original.flatten()
-        # add (sample - original) at the valid positions; padding rows add 0 (their index 0 may repeat)
-        delta = torch.where(valid, sampled - flat[index], 0)
-        disc_ids = (flat + torch.zeros_like(flat).index_put_((index,), delta, accumulate=True)).view_as(original)
-        replaced = disc_ids != original  # a sampled original token counts as "original"
+        gen = self.generate(model.generator, batch)
+        gen_sum, gen_correct, selected = gen["gen_sum"], gen["gen_correct"], gen["selected"]
+        disc_ids, replaced = gen["disc_input_ids"], gen["replaced"]
 
         # discriminator: binary cross-entropy on every non-pad position (masked sums: no data-dependent shapes)
         disc_logits = model.discriminator(input_ids=disc_ids, attention_mask=attention_mask).logits  # [B, L]
@@ -310,8 +317,8 @@ class ElectraObjective(Objective):
             "disc_acc_original": (correct & ~replaced).sum() / n_original.clamp(min=1),
             "replaced_frac": n_replaced / n_masked.clamp(min=1),
         }
-        aux = {"sampled": sampled, "sampled_valid": valid, "disc_input_ids": disc_ids, "replaced": replaced,
-               "disc_logits": disc_logits.detach()}
+        aux = {"sampled": gen["sampled"], "sampled_valid": gen["sampled_valid"], "disc_input_ids": disc_ids,
+               "replaced": replaced, "disc_logits": disc_logits.detach()}
         return {"gen_loss": gen_sum, "disc_loss": disc_sum}, counts, metrics, aux
 
     def forward(self, model: ElectraPretrainingModel, batch: Mapping[str, torch.Tensor], normalizers=None) -> dict:

@@ -183,7 +183,7 @@ def test_replaced_labels_are_exactly_sample_differs_from_original(tokenizer, mon
     targets = batch["labels"][selected]
     keep = torch.arange(len(targets)) % 2 == 0
     other = torch.where(targets == len(tokenizer) - 1, targets - 1, targets + 1)
-    monkeypatch.setattr(obj, "sample_at", lambda logits, b, index, length: torch.where(keep, targets, other))
+    monkeypatch.setattr(obj, "sample", lambda logits, b, index, length: torch.where(keep, targets, other))
     _, counts, _, aux = obj.loss_sums(model, batch)
     expected = torch.zeros_like(selected)
     expected[selected] = ~keep

@@ -226,22 +226,14 @@ class ElectraStem(nn.Module):
         self.generator = model.generator
         self.embeddings = model.discriminator.electra.embeddings
         self.project = getattr(model.discriminator.electra, "embeddings_project", None)
-        self.sample = objective.sample  # a bound method: plain attribute, not a submodule
+        self.generate = objective.generate  # a bound method: plain attribute, not a submodule
         self.gen_weight = objective.loss_parts["gen_loss"][1]
 
     def forward(self, batch):
         attention_mask = batch["attention_mask"]
-        selected = batch["labels"] != IGNORE_INDEX
-        g = self.generator
-        hidden = g.electra(input_ids=batch["input_ids"], attention_mask=attention_mask).last_hidden_state
-        logits = g.generator_lm_head(g.generator_predictions(hidden[selected]))
-        gen_sum, gen_correct = Objective.masked_lm_sums(logits, batch["labels"][selected])
-        sampled = self.sample(logits, batch, selected)
-        original = batch["original_ids"]
-        disc_ids = original.clone()
-        disc_ids[selected] = sampled
-        replaced = disc_ids != original
-        embedded = self.embeddings(input_ids=disc_ids)
+        gen = self.generate(self.generator, batch)
+        gen_sum, gen_correct, selected, replaced = gen["gen_sum"], gen["gen_correct"], gen["selected"], gen["replaced"]
+        embedded = self.embeddings(input_ids=gen["disc_input_ids"])
         if self.project is not None:
             embedded = self.project(embedded)
         n_masked = selected.sum()

@@ -56,7 +56,8 @@ from ..data.stream import StreamDataset, to_device
 from ..export import roundtrip_check
 from ..metrics import MetricsLogger, MetricTracker, peak_flops, train_flops_per_token
 from ..schedules import lr_for, momentum_for
-from ..trainer import VALIDATION_INDEX_OFFSET, build_optimizer, check_tokenizer, make_loader, prepare_run_dir
+from ..trainer import (VALIDATION_INDEX_OFFSET, build_optimizer, check_tokenizer, make_loader, prepare_run_dir,
+                       step_if_finite)
 from .chunks import ChunkedModel
 from .synthetic import SYNTHETIC_EXPORT_FILE, SYNTHETIC_FILE, SyntheticStageMixin
 
@@ -294,9 +295,7 @@ class Stage:
         if self.scaler is not None:  # the scaler skips non-finite steps itself and lowers its scale
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        elif torch.isfinite(norm):
-            self.optimizer.step()
-        else:
+        elif step_if_finite(self.optimizer, norm):
             self.skipped += 1
             print(f"chunk {self.k}: non-finite gradient norm, skipping its update", flush=True)
         self.optimizer.zero_grad(set_to_none=True)
