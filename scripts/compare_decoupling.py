@@ -63,7 +63,7 @@ def run_arm(args, arm: str, seed: int) -> dict:
     overrides = [f"output_dir={out}", f"train.seed={seed}", f"train.max_steps={args.steps}",
                  "train.schedule=linear", f"train.min_lr_ratio={min_lr_ratio}",
                  f"train.micro_batch_size={args.batch}", "train.grad_accum=1", f"train.warmup_steps={args.warmup}",
-                 f"train.eval_every=0", f"train.save_every={args.steps}", f"train.eval_batches={args.eval_batches}",
+                 "train.eval_every=0", f"train.save_every={args.steps}", f"train.eval_batches={args.eval_batches}",
                  "decouple.runtime=simulated", "log.tensorboard=false", *ARMS[arm], *args.override]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     start = time.perf_counter()

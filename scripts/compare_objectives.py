@@ -351,7 +351,7 @@ def markdown(report: dict) -> str:
                   "discriminator: BCE below the entropy of its replaced/original base rate) " + "; ".join(
                       f"{k}: {v['value']:.3f} vs {v['plateau']:.3f} ({'yes' if v['left'] else 'NO'})"
                       for k, v in plateau.items()) + "."]
-    lines += ["", f"Seed spread (|mlm-seed0 − mlm-seed1|, the larger of ¹ and ²): " + ", ".join(
+    lines += ["", "Seed spread (|mlm-seed0 − mlm-seed1|, the larger of ¹ and ²): " + ", ".join(
         f"{m} {fmt(spread[m], 4)}" for m in METRICS if spread.get(m) is not None) + ". Differences to mlm-seed0 in "
         "units of that spread:", ""]
     lines += ["| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
