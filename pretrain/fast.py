@@ -38,13 +38,12 @@ def transformer_stacks(model: nn.Module) -> list[nn.Module]:
     raise TypeError(f"the fast path does not know the encoder of {type(model).__name__}")
 
 
-def apply_fast_path(model: nn.Module, objective: nn.Module, block_size: int, compile: bool = True) -> None:
+def apply_fast_path(model: nn.Module, objective: nn.Module, block_size: int) -> None:
     """Switch ``objective`` to static shapes and compile ``model``'s transformer stacks in place (no new
     parameters, no renamed ones)."""
     objective.static_shapes = True
     if objective.max_selected(block_size) is None:
         log.warning("model.fast: the masked count varies per batch (objective.mlm.static_count is false), so the "
                     "prediction head keeps data-dependent shapes; set objective.mlm.static_count: true for static ones")
-    if compile:
-        for stack in transformer_stacks(model):
-            stack.compile(dynamic=False)
+    for stack in transformer_stacks(model):
+        stack.compile(dynamic=False)
