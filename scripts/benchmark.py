@@ -28,7 +28,8 @@ Suites (subcommands):
   runs with 1 and with ``--baseline-threads`` threads so the comparison is honest; ``ratio`` is tok/s over the
   1-thread baseline, ``ratio_vs_best_baseline`` over the fastest baseline. Batches are masked before the clock
   starts (the trainer masks in DataLoader workers); warm-up steps are excluded; the pipeline's time is that of
-  its last chunk, which finishes last, and includes one pipeline fill. Every configuration runs ``--repeat``
+  its last chunk in steady state: from the end of the last warm-up step to the end of the last timed step,
+  without draining the pipeline in between (a long run fills it once). Every configuration runs ``--repeat``
   times round-robin; the summary rows (``"summary": true``, printed last) take each configuration's best run,
   the least disturbed by other processes (each run records the load average at its start).
 
@@ -141,9 +142,8 @@ def run_worker(args) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        def sync():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+        def drain():
+            pass
     else:
         layout = resolve_layout(cfg.decouple)
         device = pick_device(cfg.train, layout)
@@ -158,37 +158,38 @@ def run_worker(args) -> None:
             micro = batches[s * args.accum:(s + 1) * args.accum]
             pipeline.train_step(micro, window_normalizers(collator, micro, device), 1e-3)
 
-        def sync():
+        def drain():
             if pipeline.synthetic:  # receive the outstanding true gradients first: flush waits for their sends
                 pipeline.exchange_gradients(drain=True)
             if pipeline.link is not None:
                 pipeline.link.flush()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if world > 1:
-                torch.distributed.barrier()
 
+    def sync_device():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # Steady state: the clock runs on the process that holds the last chunk (the pipeline's sink: its step t ends
+    # only after every chunk below has done t), from the end of the last warm-up step to the end of the last timed
+    # step; the pipeline is not drained in between, so the fill happens during warm-up and is not timed.
+    last = rank == world - 1
     for s in range(args.warmup):
         step(s)
-    sync()
+    sync_device()
     start = time.perf_counter()
     for s in range(args.warmup, total):
         step(s)
-    if world > 1:
-        if pipeline.synthetic:  # the last S true gradients: chunk k-1 is done when it has received them
-            pipeline.exchange_gradients(drain=True)
-        pipeline.link.flush()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start  # on the last chunk: when the pipeline's last step is done
+    if last:
+        sync_device()
+    elapsed = time.perf_counter() - start
+    drain()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
     if world > 1:
-        stats = torch.tensor([elapsed, peak_mb], dtype=torch.float64)
+        stats = torch.tensor([elapsed if last else 0.0, peak_mb], dtype=torch.float64)
         gathered = [torch.zeros_like(stats) for _ in range(world)]
         torch.distributed.all_gather(gathered, stats)
-        elapsed = max(float(g[0]) for g in gathered)
+        elapsed = float(gathered[-1][0])
         peak_mb = max(float(g[1]) for g in gathered)
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

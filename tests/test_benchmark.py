@@ -1,4 +1,5 @@
-"""scripts/benchmark.py step: runs both arms on CPU and their losses agree on identical weights (no timing claims)."""
+"""scripts/benchmark.py: every suite runs on CPU and its rows are consistent (no timing claims); the step suite's arms
+agree on their first loss from identical weights."""
 
 from __future__ import annotations
 
@@ -49,3 +50,22 @@ def test_e2e_suite_runs_the_trainer_and_its_pure_step(benchmark, tmp_path, one_t
     assert row["e2e_tok_per_s"] > 0 and row["pure_step_tok_per_s"] > 0
     assert math.isclose(row["ratio"], row["e2e_tok_per_s"] / row["pure_step_tok_per_s"])
     assert 0.0 <= row["e2e_data_wait"] <= 1.0
+
+
+def test_decouple_suite_runs_the_baselines_and_two_process_pipelines(benchmark, tmp_path):
+    """Real torchrun workers (gloo, free port): backprop with 1 and 2 threads, local and synthetic K=2."""
+    out = tmp_path / "decouple.json"
+    argv = ["decouple", "--chunks", "2", "--synthetic", "--hidden", "32", "--layers", "2", "--heads", "2",
+            "--vocab", "300", "--seq", "16", "--batch", "4", "--steps", "3", "--warmup", "2", "--repeat", "1",
+            "--out", str(out)]
+    assert benchmark.main(argv) == 0
+    rows = json.loads(out.read_text())
+    summary = {r["config"]: r for r in rows if r.get("summary")}
+    assert sorted(summary) == ["backprop-1proc-1thread", "backprop-1proc-2threads", "local-K2-2proc-1thread",
+                               "synthetic-S1-K2-2proc-1thread"]
+    base = summary["backprop-1proc-1thread"]["tok_per_s"]
+    for name, row in summary.items():
+        assert row["tok_per_s"] > 0 and row["runs"] == 1
+        assert math.isclose(row["tok_per_s"], 3 * 4 * 16 / (row["step_ms"] * 3 / 1000), rel_tol=1e-9)
+        assert math.isclose(row["ratio"], row["tok_per_s"] / base), name
+    assert summary["local-K2-2proc-1thread"]["processes"] == 2
