@@ -258,6 +258,14 @@ class SyntheticConfig:
     staleness: int = 1
     """S: chunk k runs at most S micro-batches ahead of the true gradients from chunk k+1 (it must receive the
     gradient of micro-batch t-S after computing t). S=0 with mix=1 is backprop."""
+    center: bool = False
+    """Remove, per block, the mean of the prediction over the positions that carry a target (labels != -100)
+    from the prediction at those positions before it is used: the component shared by all of a block's tokens,
+    which pulls them towards one vector (the collapse of DESIGN.md §4). The true gradient's shared part is dropped
+    with it (about a tenth of its energy at masked positions in our runs)."""
+    collapse_penalty: float = 0.0
+    """β: chunk k also minimises β × the mean token-to-token cosine of its output (``chunk{k}_token_cos``, 1 = every
+    token of a block on one vector), a local regulariser against the collapse; 0 = off."""
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -265,6 +273,8 @@ class SyntheticConfig:
         if not 0.0 <= self.mix <= 1.0:
             raise ValueError(f"decouple.synthetic.mix (λ, weight of the true gradient) must be in [0, 1], "
                              f"got {self.mix}")
+        if self.collapse_penalty < 0:
+            raise ValueError(f"decouple.synthetic.collapse_penalty must be >= 0, got {self.collapse_penalty}")
         for name in ("warmup_steps", "staleness"):
             if getattr(self, name) < 0:
                 raise ValueError(f"decouple.synthetic.{name} must be >= 0, got {getattr(self, name)}")

@@ -51,6 +51,10 @@ ARMS = {
                                       "train.micro_batch_size=32", "train.grad_accum=2", "train.eval_batches=32"],
     "synthetic-K2-warmup100": ["decouple.mode=synthetic", "decouple.chunks=2", "decouple.synthetic.warmup_steps=100"],
     "synthetic-K2-unscaled": ["decouple.mode=synthetic", "decouple.chunks=2", "decouple.synthetic.target_scale=none"],
+    # remedies for the collapse of the lower chunk (DESIGN.md §4), on the pure asynchronous arm
+    "synthetic-K2-center": ["decouple.mode=synthetic", "decouple.chunks=2", "decouple.synthetic.center=true"],
+    "synthetic-K2-penalty0.1": ["decouple.mode=synthetic", "decouple.chunks=2",
+                                "decouple.synthetic.collapse_penalty=0.1"],
 }
 SMOKE = {"backprop": 0.15, "local-K2": 0.05}  # required margin (nats) over the frozen control
 

@@ -290,6 +290,85 @@ def test_token_cosine_is_one_for_collapsed_outputs_and_ignores_padding():
     assert token_cosine(rand, None) == pytest.approx(1 / 128, abs=0.005)
 
 
+def test_center_removes_the_shared_part_at_target_positions_only():
+    from objectives.base import IGNORE_INDEX
+    from pretrain.decouple.synthetic import center_on_targets
+
+    gen = torch.Generator().manual_seed(0)
+    grad = torch.randn(3, 10, 8, generator=gen) + 5.0  # a large shared component
+    labels = torch.full((3, 10), IGNORE_INDEX)
+    labels[0, [1, 4, 7]] = 11
+    labels[1, [0, 9]] = 12  # block 2 has no target: left as it is
+    out = center_on_targets(grad, labels)
+    targets = labels != IGNORE_INDEX
+    assert torch.equal(out[~targets], grad[~targets])
+    for b in range(2):
+        picked = out[b][targets[b]]
+        assert picked.mean(0).abs().max() < 1e-5
+        # what is left is the block's token-specific part
+        torch.testing.assert_close(picked, grad[b][targets[b]] - grad[b][targets[b]].mean(0))
+
+
+def test_centered_prediction_is_what_the_chunk_backpropagates():
+    """synthetic.center: the gradient entering chunk 0's output is M_0's prediction, centred per block over the
+    masked positions (an M_0 returning a constant vector then drives no update at all)."""
+    from pretrain.decouple.runtime import window_normalizers
+
+    tok = make_tokenizer()
+    cfg = make_cfg(center=True, staleness=1)
+    model, collator, pipeline = build(cfg, tok)
+
+    class Constant(Oracle):
+        def forward(self, hidden, labels, mask):
+            return torch.ones_like(hidden) * (labels != -100).unsqueeze(-1) + 0 * self.unused
+
+    install(pipeline.stages[0], Constant())
+    micro = steps_of_batches(collator, tok, steps=1, n_micro=1)[0]
+    before = [p.detach().clone() for p in model.chunk_parameters(0)]
+    pipeline.train_step(micro, window_normalizers(collator, micro, "cpu"), cfg.train.lr, 0)
+    decayed = [b * (1 - cfg.train.lr * cfg.train.weight_decay) if b.dim() > 1 else b for b in before]
+    for b, a in zip(decayed, model.chunk_parameters(0)):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=1e-7)
+
+
+def test_collapse_penalty_spreads_the_lower_chunks_outputs():
+    """With M_0 ≡ 0, collapse_penalty β is chunk 0's only signal: its gradient is that of β·token_cos(h) (checked
+    against autograd on the same forward), and token_cos falls step after step on a fixed batch."""
+    from pretrain.decouple.runtime import window_normalizers
+    from pretrain.decouple.synthetic import token_cosine
+
+    tok = make_tokenizer()
+    cfg = make_cfg(collapse_penalty=1.0, staleness=0, weight_decay=0.0)
+    model, collator, pipeline = build(cfg, tok)
+    install(pipeline.stages[0], Zero())
+    micro = steps_of_batches(collator, tok, steps=1, n_micro=1)[0]
+    norms = window_normalizers(collator, micro, "cpu")
+    chunk0, params = model.chunks[0], model.chunk_parameters(0)
+    rng = pipeline.stages[0].rng.state_dict()["cpu"].clone()  # the dropout stream chunk 0 is about to use
+    saved = torch.get_rng_state()
+    torch.set_rng_state(rng)
+    outputs, _ = chunk0(micro[0], None, norms, boundary_grads=True)
+    torch.set_rng_state(saved)
+    expected = torch.autograd.grad(token_cosine(outputs["hidden"], micro[0]["attention_mask"]), params,
+                                   allow_unused=True)
+    stage = pipeline.stages[0]
+    stage.forward_backward(micro[0], None, norms, pipeline.autocast)
+    stage.release_graphs()
+    for g, p in zip(expected, params):
+        if g is None:
+            assert p.grad is None or p.grad.abs().max() == 0
+        else:
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-8)
+    for p in params:
+        p.grad = None
+    stage.pending.clear()
+    spread = []
+    for step in range(8):
+        pipeline.train_step(micro, norms, 1e-3, step)
+        spread.append(pipeline.gather_metrics()["chunk0_token_cos"])
+    assert all(b < a for a, b in zip(spread, spread[1:])), spread
+
+
 # --------------------------------------------------------------------------- runs
 
 
@@ -378,6 +457,9 @@ def test_synthetic_run_resumes_exactly_and_exports_the_modules_beside(tmp_path, 
     ({"decouple": {"mode": "synthetic", "chunks": 2, "synthetic": {"lr": 0}}}, "synthetic.lr must be > 0"),
     ({"decouple": {"mode": "synthetic", "chunks": 2, "synthetic": {"arch": "mlpp"}}}, "did you mean 'mlp'"),
     ({"decouple": {"mode": "synthetic", "chunks": 2, "aux_head": "layer"}}, "aux_head applies to mode local"),
+    ({"decouple": {"mode": "synthetic", "chunks": 2, "synthetic": {"collapse_penalty": -1}}},
+     "collapse_penalty must be >= 0"),
+    ({"decouple": {"mode": "synthetic", "chunks": 2, "synthetic": {"centre": True}}}, "did you mean 'decouple.synthetic.center'"),
 ])
 def test_bad_synthetic_configs_fail_naming_the_fix(tree, message):
     assert_config_rejected(tree, message)

@@ -7,6 +7,8 @@ micro-batch t arrives (at most S = ``staleness`` micro-batches later), chunk k t
 (δ detached; c: see ``target_scale``) and, with ``mix`` λ > 0, updates itself from ``λ·δ + (1−λ)·prediction``
 if δ arrives before its optimizer step (it keeps micro-batch t's graph until then).
 During ``warmup_steps`` the chunk waits for δ and uses it alone. The last chunk trains on the objective's loss.
+Against the collapse of chunk k's outputs onto one vector (DESIGN.md §4), ``center`` removes the per-block mean of
+the prediction over the masked positions, and ``collapse_penalty`` β adds β × token cosine of h to chunk k's loss.
 Invariants: S = 0 and λ = 1 is backprop; an M_k that returns zero leaves chunk k at its initialisation (with
 weight decay 0: AdamW's decoupled decay shrinks weights even without a gradient).
 
@@ -88,11 +90,20 @@ class SyntheticGradient(nn.Module):
 def token_cosine(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Mean cosine between the output vectors of a block's tokens (all pairs of non-pad tokens, self-pairs included),
     averaged over the blocks of hidden [B, L, H]: 1 = every token collapsed onto one vector (DESIGN.md §4: what
-    drives a synthetic-gradient run below the frozen control). Computed as ||mean of unit vectors||², O(B·L·H)."""
+    drives a synthetic-gradient run below the frozen control). Computed as ||mean of unit vectors||², O(B·L·H);
+    differentiable (``synthetic.collapse_penalty``): detach ``hidden`` to log it."""
     valid = torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None else attention_mask.float()
-    unit = torch.nn.functional.normalize(hidden.detach().float(), dim=-1) * valid[..., None]
+    unit = torch.nn.functional.normalize(hidden.float(), dim=-1) * valid[..., None]
     mean = unit.sum(1) / valid.sum(1).clamp(min=1)[:, None]
     return mean.pow(2).sum(-1).mean()
+
+
+def center_on_targets(grad: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``grad`` [B, L, H] minus, at the positions with a target (labels [B, L] != -100), the mean of ``grad`` over
+    those positions of its block; other positions unchanged (``synthetic.center``)."""
+    targets = (labels != IGNORE_INDEX).unsqueeze(-1).to(grad.dtype)
+    mean = (grad * targets).sum(1, keepdim=True) / targets.sum(1, keepdim=True).clamp(min=1)
+    return grad - mean * targets
 
 
 class NoHead(nn.Module):
@@ -165,8 +176,14 @@ class SyntheticStageMixin:
                 torch.ones((), device=features.device)
             with torch.no_grad():
                 prediction = self.module(features, batch["labels"], mask) / self._scale(count)
+                if self.options.center:
+                    prediction = center_on_targets(prediction, batch["labels"])
+            spread = token_cosine(hidden if self.options.collapse_penalty else features, batch.get("attention_mask"))
+            if self.options.collapse_penalty:
+                penalty = self.options.collapse_penalty * spread
+                loss = penalty if loss is None else loss + penalty
             entry = Pending(self.seen, hidden, loss, leaf, features, batch["labels"], mask, prediction, count)
-            self.tracker.add({f"chunk{self.k}_token_cos": token_cosine(features, batch.get("attention_mask")),
+            self.tracker.add({f"chunk{self.k}_token_cos": spread.detach(),
                               f"n_out{self.k}": torch.ones((), device=features.device)})
             if not (self.use_true or self.options.mix > 0):
                 self._backward(entry, prediction)
@@ -265,4 +282,4 @@ class SyntheticStageMixin:
                                   f"{type(e).__name__}: {e}") from e
 
 
-__all__ = ["SyntheticGradient", "NoHead", "token_cosine", "SyntheticStageMixin", "SYNTHETIC_FILE", "SYNTHETIC_EXPORT_FILE"]
+__all__ = ["SyntheticGradient", "NoHead", "token_cosine", "center_on_targets", "SyntheticStageMixin", "SYNTHETIC_FILE", "SYNTHETIC_EXPORT_FILE"]
