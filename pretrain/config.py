@@ -291,8 +291,9 @@ class DecoupleConfig:
     aux_head: Literal["decoder", "layer"] = "decoder"
     """Local auxiliary head of non-final chunks: MLM decoder only, or 1 extra transformer layer + decoder."""
     runtime: Literal["auto", "simulated", "distributed"] = "auto"
-    """simulated = all chunks in one process; distributed = one process per chunk (auto: distributed when the
-    launch has exactly K processes, else simulated)."""
+    """simulated = all chunks in one process; distributed = one process per chunk, D × K processes for D
+    data-parallel pipelines (local mode; rank = dp_index × K + chunk); auto: distributed when the launch has more
+    than one process."""
     freeze_lower: bool = False
     """local only, the control arm of DESIGN.md §4: chunks 0..K-2 keep their random initialisation (forward only,
     no updates) and only the last chunk trains, on their frozen features."""

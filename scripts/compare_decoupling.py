@@ -55,6 +55,7 @@ ARMS = {
     "synthetic-K2-center": ["decouple.mode=synthetic", "decouple.chunks=2", "decouple.synthetic.center=true"],
     "synthetic-K2-penalty0.1": ["decouple.mode=synthetic", "decouple.chunks=2",
                                 "decouple.synthetic.collapse_penalty=0.1"],
+    "synthetic-K2-penalty1": ["decouple.mode=synthetic", "decouple.chunks=2", "decouple.synthetic.collapse_penalty=1"],
 }
 SMOKE = {"backprop": 0.15, "local-K2": 0.05}  # required margin (nats) over the frozen control
 

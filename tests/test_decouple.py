@@ -1,8 +1,10 @@
 """decouple.mode=local (DESIGN.md §4): chunk isolation, K=1 == backprop, simulated == distributed (real gloo
-processes), exact resume after SIGKILL, the stitched export, the frozen control, config checks."""
+processes), exact resume after SIGKILL, the stitched export, the frozen control, data-parallel pipelines (D = 2 ×
+K = 2 processes == one pipeline of twice the micro-batch), config checks."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -406,8 +408,6 @@ def test_distributed_run_killed_after_a_checkpoint_resumes_exactly(distributed_r
 
 def test_a_distributed_checkpoint_resumes_in_the_simulated_runtime(distributed_run, tmp_path):
     """Checkpoints are per chunk and runtime-independent: resume the distributed run's step-4 in one process."""
-    import shutil
-
     import yaml
 
     run = tmp_path / "run"
@@ -453,8 +453,6 @@ def test_electra_distributed_equals_simulated_with_dropout(tmp_path):
 def test_cpu_smoke_local_updates_beat_the_frozen_random_lower_half(tmp_path, demo_cache_dir):
     """DESIGN.md §4 smoke test on the demo corpus (hidden 128, 4 layers, batch 64, 200 steps, fixed validation
     masks): backprop beats the frozen-random lower half by > 0.15 nats and local K=2 by > 0.05. Minutes on 2 cores."""
-    import shutil
-
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         pytest.skip("the demo corpus needs Debian's apt-get and dpkg-deb")
     script = TESTS.parent / "scripts" / "compare_decoupling.py"
@@ -464,3 +462,55 @@ def test_cpu_smoke_local_updates_beat_the_frozen_random_lower_half(tmp_path, dem
          "--override", f"data.cache_dir={demo_cache_dir}"],
         capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- data-parallel pipelines
+
+
+def test_two_data_parallel_pipelines_train_like_one_pipeline_of_twice_the_micro_batch(tmp_path, simulated_run):
+    """D = 2 replicas of a K = 2 pipeline (4 gloo processes, rank = dp_index * 2 + chunk), micro-batch 2: replica d
+    reads the d-th half of each global micro-batch, counts and gradients are summed over a chunk's replicas, so the
+    losses and weights equal one pipeline of micro-batch 4 (the simulated run; dropout 0). Pipeline 0 alone logs,
+    evaluates and writes the checkpoints."""
+    run = tmp_path / "dp"
+    torchrun(4, WORKER, str(TESTS), str(run), "train.micro_batch_size=2", timeout=300, env={"SKIP_ROUNDTRIP": "1"})
+    dp, sim = train_records(run), train_records(simulated_run)
+    assert sorted(dp) == sorted(sim) == list(range(1, 7))
+    for step in dp:
+        assert dp[step]["tokens"] == sim[step]["tokens"] and dp[step]["n_masked"] == sim[step]["n_masked"]
+        for key in LOSS_KEYS:
+            assert dp[step][key] == pytest.approx(sim[step][key], rel=1e-5, abs=1e-6), (step, key)
+    for k in range(2):
+        a = load_file(str(run / "checkpoints" / "step-6" / f"chunk{k}" / "model.safetensors"))
+        b = load_file(str(simulated_run / "checkpoints" / "step-6" / f"chunk{k}" / "model.safetensors"))
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["split"] == "train" and "mlm_loss" in r for r in records) == 6  # one logger, not one per pipeline
+    assert (run / "export" / "model.safetensors").is_file()
+    # every replica resumes from pipeline 0's checkpoint: drop step 6 and train it again, bit for bit
+    final = {k: load_file(str(run / "checkpoints" / "step-6" / f"chunk{k}" / "model.safetensors")) for k in range(2)}
+    shutil.rmtree(run / "checkpoints" / "step-6")
+    shutil.rmtree(run / "export")
+    proc = torchrun(4, WORKER, str(TESTS), str(run), "train.micro_batch_size=2", timeout=300,
+                    env={"SKIP_ROUNDTRIP": "1"})
+    assert "resumed from" in proc.stdout and "(step 4)" in proc.stdout
+    for k in range(2):
+        again = load_file(str(run / "checkpoints" / "step-6" / f"chunk{k}" / "model.safetensors"))
+        assert all(torch.equal(again[name], final[k][name]) for name in final[k])
+
+
+@pytest.mark.parametrize("processes, mode, message", [
+    (3, "local", "launch 2 processes .* or a multiple of 2"),
+    (4, "synthetic", "implemented for decouple.mode=local only"),
+])
+def test_launch_sizes_that_are_not_pipelines_are_refused(monkeypatch, processes, mode, message):
+    from pretrain.decouple.runtime import resolve_layout
+
+    monkeypatch.setenv("WORLD_SIZE", str(processes))
+    monkeypatch.setenv("RANK", "0")
+    tree = decouple_worker.base_config("unused")
+    tree["decouple"] = {"mode": mode, "chunks": 2}
+    with pytest.raises((ValueError, NotImplementedError), match=message):
+        resolve_layout(config_from_dict(tree).decouple)

@@ -7,18 +7,21 @@ process per chunk), with one code path so their semantics are the same by constr
     rank = dp_index * K + chunk        chunk = rank % K,  dp_index = rank // K
 
 so a pipeline's chunks are consecutive ranks (on one machine with K GPUs each chunk-to-chunk send stays on the
-machine), and chunk k's replicas are ``{k, K + k, 2K + k, …}``: the group that would all-reduce chunk k's gradients
-and the window's target counts. Only D = 1 is implemented; the layout, the data stream (every pipeline rebuilds the
-same stream; replica d would read ``StreamBatchSampler(world_size=D, rank=d)``) and the checkpoint layout (one
-directory per chunk) are designed so that adding D > 1 means adding those all-reduces.
+machine), and chunk k's replicas are ``{k, K + k, 2K + k, …}``: one process group per chunk, which sums the
+window's target counts before the step and chunk k's gradients before its update (and the logged metrics), so the
+D replicas of a chunk take identical steps, as D-way data parallelism would. Replica d reads its own share of the
+stream (``StreamBatchSampler(world_size=D, rank=d)``): a step's global batch is D × ``grad_accum`` ×
+``micro_batch_size`` blocks, and D pipelines of micro-batch b train exactly like one pipeline of micro-batch D·b
+(tested). Pipeline 0 evaluates, logs and writes checkpoints (the replicas hold the same weights); every replica
+resumes from them. Local mode only (synthetic mode would also have to share M_k's updates and target scale).
 
-**Schedule.** Per optimizer step every process rebuilds the step's micro-batches (same seed, whole global batch:
-masks and labels are known everywhere), counts their targets (token-exact normalisers, no communication), then for
-each micro-batch t: receive chunk k-1's output for t (chunk 0 embeds the ids), forward, send the output to chunk
-k+1 (``isend``, at most ``max_in_flight`` outstanding), backward the chunk's own loss. After the window each chunk
-clips its own gradients, skips its own update on a non-finite norm, and steps its own AdamW. Nothing ever flows
-down, so chunk k never waits for chunk k+1: while chunk k works on micro-batch t, chunk k-1 already computes t+1
-(and may run into the next optimizer step). Metrics, evaluation results and "checkpoint written" notes also flow
+**Schedule.** Per optimizer step every process rebuilds its pipeline's micro-batches (same seed: masks and labels
+are known to every chunk), counts their targets (token-exact normalisers; summed over the replicas when D > 1),
+then for each micro-batch t: receive chunk k-1's output for t (chunk 0 embeds the ids), forward, send the output to
+chunk k+1 (``isend``, at most ``max_in_flight`` outstanding), backward the chunk's own loss. After the window each
+chunk (D > 1: sums its gradients over its replicas) clips its own gradients, skips its own update on a non-finite
+norm, and steps its own AdamW. Nothing ever flows down, so chunk k never waits for chunk k+1: while chunk k works
+on micro-batch t, chunk k-1 already computes t+1 (and may run into the next optimizer step). Metrics, evaluation results and "checkpoint written" notes also flow
 up, to the process that holds the last chunk, which logs, commits checkpoints and exports; no step is a barrier.
 
 **Synthetic mode** (``synthetic.py``) adds one message kind flowing down: after its backward pass for micro-batch t,
@@ -86,6 +89,11 @@ class Layout:
         return self.rank // self.chunks if self.runtime == "distributed" else 0
 
     @property
+    def replicas(self) -> int:
+        """D: data-parallel copies of the pipeline."""
+        return self.world_size // self.chunks if self.runtime == "distributed" else 1
+
+    @property
     def local_chunks(self) -> list[int]:
         """Chunks this process runs, in order."""
         return [self.rank % self.chunks] if self.runtime == "distributed" else list(range(self.chunks))
@@ -118,13 +126,15 @@ def resolve_layout(decouple_cfg) -> Layout:
     if runtime == "simulated" and world != 1:
         raise ValueError(f"decouple.runtime=simulated runs every chunk in one process, but {world} processes were "
                          "launched; launch one process or set decouple.runtime=distributed")
-    if runtime == "distributed" and world != k:
-        if world > k and world % k == 0:
-            raise NotImplementedError(
-                f"{world} processes for {k} chunks would be {world // k} data-parallel pipelines (rank = dp_index * "
-                f"{k} + chunk); only one pipeline is implemented: launch exactly decouple.chunks={k} processes")
+    if runtime == "distributed" and (world < k or world % k):
         raise ValueError(f"decouple.runtime=distributed needs one process per chunk: launch {k} processes "
-                         f"(torchrun --nproc_per_node {k}), got {world}")
+                         f"(torchrun --nproc_per_node {k}), or a multiple of {k} for data-parallel pipelines, "
+                         f"got {world}")
+    if runtime == "distributed" and world > k and decouple_cfg.mode == "synthetic":
+        raise NotImplementedError(
+            f"{world} processes for {k} chunks are {world // k} data-parallel pipelines, implemented for "
+            f"decouple.mode=local only (synthetic mode would also have to share M_k's updates): launch "
+            f"decouple.chunks={k} processes")
     return Layout(runtime, k, world, rank)
 
 
@@ -214,9 +224,10 @@ class ChunkRNG:
     """A private RNG stream (CPU, and the current CUDA device if any) for one chunk's dropout: swapped into the
     global generators while the chunk runs, so the masks do not depend on which process runs which chunk."""
 
-    def __init__(self, seed: int, chunk: int, device: torch.device):
+    def __init__(self, seed: int, chunk: int, device: torch.device, replica: int = 0):
         self.device = device
-        seed = int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0xDEC0, chunk]).generate_state(1)[0])
+        entropy = [int(seed) & 0xFFFFFFFF, 0xDEC0, chunk] + ([replica] if replica else [])  # replicas: own masks
+        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
         self.cpu = torch.Generator().manual_seed(seed).get_state()
         self.cuda = None
         if device.type == "cuda":
@@ -251,12 +262,13 @@ class Stage:
     """Everything one chunk needs to train: its parameters, optimizer (AdamW, train.* hyperparameters), grad scaler
     (fp16), dropout RNG and metric tracker. ``frozen`` chunks (the frozen-random control) run forward only."""
 
-    def __init__(self, model: ChunkedModel, k: int, cfg: Config, device: torch.device, frozen: bool):
+    def __init__(self, model: ChunkedModel, k: int, cfg: Config, device: torch.device, frozen: bool,
+                 replica: int = 0):
         self.k, self.model, self.chunk, self.frozen = k, model, model.chunks[k], frozen
         self.params = model.chunk_parameters(k)
         self.optimizer = None if frozen else build_optimizer(nn.ParameterList(self.params), cfg.train, device.type)
         self.scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" and not frozen else None
-        self.rng = ChunkRNG(cfg.train.seed, k, device)
+        self.rng = ChunkRNG(cfg.train.seed, k, device, replica)
         self.tracker = MetricTracker(self.chunk.metric_counts)
         self.skipped = 0
         self.grad_norm = torch.zeros((), device=device)
@@ -300,8 +312,24 @@ class Stage:
             print(f"chunk {self.k}: non-finite gradient norm, skipping its update", flush=True)
         self.optimizer.zero_grad(set_to_none=True)
 
-    def window_metrics(self) -> dict[str, float]:
-        metrics = self.tracker.compute()
+    def sum_gradients(self, group) -> None:
+        """Data-parallel pipelines: sum this chunk's gradients over its replicas (one flat all-reduce). Every
+        replica's loss is normalised by the global window count, so the sum is the global batch's gradient."""
+        import torch.distributed as dist
+
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.frozen or not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def window_metrics(self, reduce=None) -> dict[str, float]:
+        """The logging window's metrics (``reduce``: sums the tracker's totals over the replicas)."""
+        metrics = self.tracker.compute(reduce)
         self.tracker.reset()
         if not self.frozen:
             metrics[f"chunk{self.k}_grad_norm"] = float(self.grad_norm)
@@ -356,7 +384,7 @@ class Pipeline:
                                           "gradients it exchanges: use train.precision bf16 or fp32")
             self.stages = [SyntheticStage(model, k, cfg, device) for k in layout.local_chunks]
         else:
-            self.stages = [Stage(model, k, cfg, device, k in frozen) for k in layout.local_chunks]
+            self.stages = [Stage(model, k, cfg, device, k in frozen, layout.dp_index) for k in layout.local_chunks]
         # synthetic mode: up to S+1 true gradients travel down while activations travel up
         in_flight = 4 + (2 * (cfg.decouple.synthetic.staleness + 1) if self.synthetic else 0)
         self.link = Link(layout, device, in_flight) if layout.runtime == "distributed" else None
@@ -366,6 +394,22 @@ class Pipeline:
         hidden = model.chunks[0].config.hidden_size
         self._carry = {"replaced": torch.uint8} if model.objective_name == "electra" else {}
         self._hidden = hidden
+        #: data-parallel pipelines: the process group of this process's chunk and its replicas (None when D = 1)
+        self.replica_group = None
+        if layout.replicas > 1:
+            import torch.distributed as dist
+
+            k_total = layout.chunks  # every rank creates every group, in the same order
+            groups = [dist.new_group([d * k_total + k for d in range(layout.replicas)]) for k in range(k_total)]
+            self.replica_group = groups[layout.local_chunks[0]]
+
+    def _sum_replicas(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over this chunk's replicas (in place; unchanged when D = 1)."""
+        if self.replica_group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, group=self.replica_group)
+        return tensor
 
     def boundary_spec(self, batch) -> dict:
         """Shapes/dtypes of what crosses a boundary for ``batch``: hidden [B, L, H] fp32 (+ ELECTRA's labels)."""
@@ -390,6 +434,10 @@ class Pipeline:
         """One optimizer step of every local chunk. ``step`` (0-based): one-cycle's beta1 and, in synthetic mode, during
         ``synthetic.warmup_steps`` and on checkpoint steps the window waits for all its true gradients (a drained
         pipeline is what a checkpoint can hold); None = neither."""
+        if self.replica_group is not None:  # the global batch's target counts
+            keys = sorted(normalizers)
+            total = self._sum_replicas(torch.stack([normalizers[k].to(self.device) for k in keys]))
+            normalizers = dict(zip(keys, total.unbind()))
         drain = False
         if self.synthetic and step is not None:
             t, warm = self.cfg.train, step < self.cfg.decouple.synthetic.warmup_steps
@@ -409,6 +457,8 @@ class Pipeline:
                 self._send_gradients(stage)
         beta1 = momentum_for(self.cfg.train, step) if step is not None else None  # one-cycle only
         for stage in self.stages:
+            if self.replica_group is not None:
+                stage.sum_gradients(self.replica_group)
             stage.update(lr, self.cfg.train.clip_grad_norm, beta1)
 
     def exchange_gradients(self, drain: bool) -> None:
@@ -435,12 +485,14 @@ class Pipeline:
         """Every chunk's window metrics (plus ``local`` extras) merged on the last process; None elsewhere."""
         merged = dict(local or {})
         for stage in self.stages:
-            merged.update(stage.window_metrics())
+            merged.update(stage.window_metrics(self._sum_replicas))
         return self._to_last(merged)
 
     def _to_last(self, merged: dict) -> dict | None:
         if self.layout.runtime == "simulated":
             return merged
+        if self.layout.dp_index > 0:  # pipeline 0 reports (metrics are summed over the replicas already)
+            return None
         last = self.layout.chunks - 1
         if not self.layout.is_last:
             self.link.send_object(merged, last, TAG_METRICS)
@@ -454,6 +506,8 @@ class Pipeline:
     @torch.no_grad()
     def evaluate(self, collator, val_blocks) -> dict[str, float] | None:
         """Token-exact validation metrics of every chunk (fixed blocks and masks); on the last process only."""
+        if self.layout.dp_index > 0:  # the replicas hold pipeline 0's weights: it evaluates alone
+            return None
         cfg = self.cfg
         b = cfg.train.micro_batch_size
         n_batches = max(1, min(cfg.train.eval_batches, len(val_blocks) // b))
@@ -481,17 +535,18 @@ class Pipeline:
     def save(self, root: Path, step: int, state: dict, keep_last: int) -> Path:
         """Each process writes its chunks to ``.step-N.tmp/chunk{k}/``; the last process waits for the others'
         notes, writes the trainer state and the COMPLETE marker and renames the directory into place."""
-        root.mkdir(parents=True, exist_ok=True)
         tmp, final = root / f".step-{step}.tmp", root / f"step-{step}"
+        if self.layout.dp_index > 0:  # pipeline 0 writes the weights every replica holds
+            return final
+        root.mkdir(parents=True, exist_ok=True)
         for stage in self.stages:
             chunk_dir = tmp / f"chunk{stage.k}"
             if chunk_dir.exists():
                 shutil.rmtree(chunk_dir)  # our own leftover from a crash while writing this very step
             stage.save(chunk_dir)
         if not self.layout.is_last:
-            if self.layout.dp_index == 0:
-                self.link.send_object({"step": step, "chunks": [s.k for s in self.stages]}, self.layout.chunks - 1,
-                                      TAG_SAVED)
+            self.link.send_object({"step": step, "chunks": [s.k for s in self.stages]}, self.layout.chunks - 1,
+                                  TAG_SAVED)
             return final
         if self.layout.runtime == "distributed":
             for k in range(self.layout.chunks - 1):
@@ -635,9 +690,10 @@ def fit_decoupled(cfg: Config, overwrite: bool = False, data=None) -> dict:
         if layout.is_last:
             print(f"resumed from {resume} (step {state['step']})", flush=True)
 
-    tokens_per_step = t.grad_accum * t.micro_batch_size * cfg.data.block_size
-    loader = make_loader(StreamDataset(data.train, t.seed), collator.collate, t.micro_batch_size, 1, 0,
-                         start=state["step"] * t.grad_accum, stop=None, num_workers=cfg.data.num_workers)
+    tokens_per_step = layout.replicas * t.grad_accum * t.micro_batch_size * cfg.data.block_size
+    loader = make_loader(StreamDataset(data.train, t.seed), collator.collate, t.micro_batch_size, layout.replicas,
+                         layout.dp_index, start=state["step"] * t.grad_accum, stop=None,
+                         num_workers=cfg.data.num_workers)
     batches = iter(loader)
     n_params = sum(p.numel() for n, p in model.model.named_parameters() if "embeddings" not in n)
     n_layers = sum(stop - start for start, stop in model.ranges)
@@ -678,7 +734,7 @@ def fit_decoupled(cfg: Config, overwrite: bool = False, data=None) -> dict:
                           "tok_per_s": tokens_per_step * window_steps / elapsed,
                           "grad_norm": metrics.get(f"chunk{last}_grad_norm"),
                           "skipped_steps": sum(v for k, v in metrics.items() if k.endswith("_skipped_steps")),
-                          "mfu": flops_per_step * window_steps / elapsed / (peak * layout.chunks) if peak else None,
+                          "mfu": flops_per_step * window_steps / elapsed / (peak * layout.world_size) if peak else None,
                           "data_wait": data_wait / elapsed, **metrics}
                 record["loss"] = sum(w * record.get(p, 0.0) for p, (_, w) in parts.items())
                 logger.log(record)
