@@ -29,8 +29,10 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -q -m slow
 
+# the CPU benchmarks (minutes; raw JSON in benchmarks/): decoupled pipelines vs backprop, our step vs stock HF
 bench: venv
-	$(PY) scripts/benchmark.py
+	$(PY) scripts/benchmark.py decouple --synthetic
+	$(PY) scripts/benchmark.py step --preset compare-cpu --objective mlm span electra --device cpu
 
 clean-demo:
 	rm -rf runs/tiny
