@@ -134,6 +134,7 @@ def test_oracle_synthetic_gradient_reproduces_backprop():
     oracle = Oracle()
     install(pipeline.stages[0], oracle)
     losses = pipeline_losses(pipeline)
+    metrics = []
     for step, micro in enumerate(steps_of_batches(collator, tok)):
         norms = window_normalizers(collator, micro, "cpu")
         deltas = end_to_end_gradients(model, micro, norms)
@@ -143,7 +144,11 @@ def test_oracle_synthetic_gradient_reproduces_backprop():
                 h, _ = model.chunks[0](batch, None, norms)
                 oracle.known.append((h["hidden"], delta * norms["n_masked"]))
         pipeline.train_step(micro, norms, cfg.train.lr, step)
+        metrics.append(pipeline.gather_metrics())
     assert losses == pytest.approx(ref_losses, rel=1e-6)
+    for m in metrics:  # the prediction used is the true gradient: cosine 1 overall and at the context positions
+        assert m["chunk0_sg_cos"] == pytest.approx(1.0, abs=1e-5)
+        assert m["chunk0_sg_cos_context"] == pytest.approx(1.0, abs=1e-5)
     got = [p for p in model.parameters() if p not in set(model.synthetic.parameters())]
     assert len(got) == len(ref_params) > 10
     for a, b in zip(ref_params, got):

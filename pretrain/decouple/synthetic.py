@@ -8,7 +8,8 @@ micro-batch t arrives (at most S = ``staleness`` micro-batches later), chunk k t
 if δ arrives before its optimizer step (it keeps micro-batch t's graph until then).
 During ``warmup_steps`` the chunk waits for δ and uses it alone. The last chunk trains on the objective's loss.
 Against the collapse of chunk k's outputs onto one vector (DESIGN.md §4), ``center`` removes the per-block mean of
-the prediction over the masked positions, and ``collapse_penalty`` β adds β × token cosine of h to chunk k's loss.
+the prediction over the masked positions, and ``collapse_penalty`` β adds β × token cosine of h to chunk k's loss;
+``chunk{k}_sg_cos_context`` logs the cosine at the positions without a target alone.
 Invariants: S = 0 and λ = 1 is backprop; an M_k that returns zero leaves chunk k at its initialisation (with
 weight decay 0: AdamW's decoupled decay shrinks weights even without a gradient).
 
@@ -144,7 +145,7 @@ class SyntheticStageMixin:
         self.sg_optimizer = None
         if self.module is not None:
             self.sg_optimizer = torch.optim.AdamW(self.module.parameters(), lr=self.options.lr, weight_decay=0.0)
-            names = {f"chunk{k}_sg_{m}": f"n_sg{k}" for m in ("loss", "cos", "norm_ratio")}
+            names = {f"chunk{k}_sg_{m}": f"n_sg{k}" for m in ("loss", "cos", "cos_context", "norm_ratio")}
             names[f"chunk{k}_token_cos"] = f"n_out{k}"
             self.tracker.metric_counts = {**self.tracker.metric_counts, **names}
         self.pending: collections.deque[Pending] = collections.deque()
@@ -237,10 +238,14 @@ class SyntheticStageMixin:
             sg_loss.backward()
             self.sg_optimizer.step()
         self.sg_optimizer.zero_grad(set_to_none=True)
-        used, true = entry.prediction.flatten(), delta.float().flatten()
+        used, true = entry.prediction.float(), delta.float()
+        cos = torch.nn.functional.cosine_similarity
+        context = (entry.labels == IGNORE_INDEX).unsqueeze(-1)  # positions without a target
         one = torch.ones((), device=delta.device)
         self.tracker.add({f"chunk{self.k}_sg_loss": sg_loss.detach(), f"n_sg{self.k}": one,
-                          f"chunk{self.k}_sg_cos": torch.nn.functional.cosine_similarity(used, true, dim=0),
+                          f"chunk{self.k}_sg_cos": cos(used.flatten(), true.flatten(), dim=0),
+                          f"chunk{self.k}_sg_cos_context": cos((used * context).flatten(), (true * context).flatten(),
+                                                               dim=0),
                           f"chunk{self.k}_sg_norm_ratio": used.norm() / true.norm().clamp(min=1e-30)})
 
     def release_graphs(self) -> None:
