@@ -91,3 +91,29 @@ def test_save_roundtrip_and_differences(tmp_path):
     changed = load_config("configs/tiny.yaml", ["train.lr=3e-4", "train.max_steps=5000"])
     diffs = config_differences(yaml.safe_load((tmp_path / "config.yaml").read_text()), config_to_dict(changed))
     assert diffs == ["train.lr: 0.0002 -> 0.0003"], "max_steps may change on resume; lr may not"
+
+
+def test_saved_config_is_never_seen_half_written(tmp_path):
+    """The other processes of a launch read config.yaml while the main process writes it (prepare_run_dir): a
+    reader racing a writer sees the whole file every time (write_text would expose it empty or truncated)."""
+    import threading
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", "data.demo=[bible]"])
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    expected = config_to_dict(cfg)
+    done = threading.Event()
+
+    def write():
+        for _ in range(300):
+            save_config(cfg, path)
+        done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    reads = 0
+    while not done.is_set() or reads < 300:
+        assert yaml.safe_load(path.read_text()) == expected
+        reads += 1
+    writer.join()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]  # no temporary file left behind
