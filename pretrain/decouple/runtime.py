@@ -21,8 +21,9 @@ then for each micro-batch t: receive chunk k-1's output for t (chunk 0 embeds th
 chunk k+1 (``isend``, at most ``max_in_flight`` outstanding), backward the chunk's own loss. After the window each
 chunk (D > 1: sums its gradients over its replicas) clips its own gradients, skips its own update on a non-finite
 norm, and steps its own AdamW. Nothing ever flows down, so chunk k never waits for chunk k+1: while chunk k works
-on micro-batch t, chunk k-1 already computes t+1 (and may run into the next optimizer step). Metrics, evaluation results and "checkpoint written" notes also flow
-up, to the process that holds the last chunk, which logs, commits checkpoints and exports; no step is a barrier.
+on micro-batch t, chunk k-1 already computes t+1 (and may run into the next optimizer step). Metrics, evaluation
+results and "checkpoint written" notes also flow up, to the process that holds the last chunk, which logs, commits
+checkpoints and exports; no step is a barrier.
 
 **Synthetic mode** (``synthetic.py``) adds one message kind flowing down: after its backward pass for micro-batch t,
 chunk k > 0 sends the true gradient of its input to chunk k-1, which receives the gradient of t-S right after it
@@ -312,16 +313,14 @@ class Stage:
             print(f"chunk {self.k}: non-finite gradient norm, skipping its update", flush=True)
         self.optimizer.zero_grad(set_to_none=True)
 
-    def sum_gradients(self, group) -> None:
-        """Data-parallel pipelines: sum this chunk's gradients over its replicas (one flat all-reduce). Every
-        replica's loss is normalised by the global window count, so the sum is the global batch's gradient."""
-        import torch.distributed as dist
-
+    def sum_gradients(self, reduce) -> None:
+        """Data-parallel pipelines: sum this chunk's gradients over its replicas with ``reduce`` (one flat
+        all-reduce). Every replica's loss is normalised by the global window count, so the sum is the global
+        batch's gradient."""
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.frozen or not grads:
             return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=group)
+        flat = reduce(torch.cat([g.reshape(-1) for g in grads]))
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -458,7 +457,7 @@ class Pipeline:
         beta1 = momentum_for(self.cfg.train, step) if step is not None else None  # one-cycle only
         for stage in self.stages:
             if self.replica_group is not None:
-                stage.sum_gradients(self.replica_group)
+                stage.sum_gradients(self._sum_replicas)
             stage.update(lr, self.cfg.train.clip_grad_norm, beta1)
 
     def exchange_gradients(self, drain: bool) -> None:

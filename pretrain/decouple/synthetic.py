@@ -287,4 +287,5 @@ class SyntheticStageMixin:
                                   f"{type(e).__name__}: {e}") from e
 
 
-__all__ = ["SyntheticGradient", "NoHead", "token_cosine", "center_on_targets", "SyntheticStageMixin", "SYNTHETIC_FILE", "SYNTHETIC_EXPORT_FILE"]
+__all__ = ["SyntheticGradient", "NoHead", "token_cosine", "center_on_targets", "SyntheticStageMixin", "SYNTHETIC_FILE",
+           "SYNTHETIC_EXPORT_FILE"]
