@@ -47,6 +47,13 @@ def build_options(cls, options: Mapping[str, Any], where: str):
     return cls(**options)
 
 
+def encoder_attention_mask(batch: Mapping[str, Any]) -> torch.Tensor | None:
+    """The mask to hand an encoder: None when the collator saw no padding (``padded`` False: every block full, as
+    packed pretraining blocks are), so SDPA may run its flash kernel, also under ``torch.compile``; else the
+    batch's ``attention_mask`` [B, L]."""
+    return None if batch.get("padded") is False else batch.get("attention_mask")
+
+
 class Objective(nn.Module):
     """Base class: tokenizer bookkeeping, padding/stacking and token-exact loss reduction."""
 
@@ -97,9 +104,11 @@ class Objective(nn.Module):
         pick = torch.randint(len(self.random_token_ids), (n,), generator=gen)
         return self.random_token_ids[pick]
 
-    def pad_and_stack(self, rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Right-pad per-example 1-D tensors to the longest example; adds ``attention_mask``."""
-        length = max(len(r["input_ids"]) for r in rows)
+    def pad_and_stack(self, rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """Right-pad per-example 1-D tensors to the longest example; adds ``attention_mask`` and ``padded`` (a
+        Python bool: whether any row is shorter, so encoders may skip an all-ones mask without a host sync)."""
+        lengths = [len(r["input_ids"]) for r in rows]
+        length = max(lengths)
         fill = {"input_ids": self.pad_id, "labels": IGNORE_INDEX, "word_ids": -1}
         batch: dict[str, torch.Tensor] = {}
         for key in rows[0]:
@@ -109,9 +118,8 @@ class Objective(nn.Module):
             for i, r in enumerate(rows):
                 out[i, : len(r[key])] = r[key]
             batch[key] = out
-        batch["attention_mask"] = (
-            torch.arange(length)[None, :] < torch.tensor([len(r["input_ids"]) for r in rows])[:, None]
-        ).long()
+        batch["attention_mask"] = (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]).long()
+        batch["padded"] = min(lengths) < length
         return batch
 
     # ---------------------------------------------------------------- loss helpers

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .base import IGNORE_INDEX, Objective, build_options
+from .base import IGNORE_INDEX, Objective, build_options, encoder_attention_mask
 from .mlm import MLMConfig, select_tokens
 
 
@@ -268,7 +268,7 @@ class ElectraObjective(Objective):
         selected = batch["labels"] != IGNORE_INDEX
         index, valid = self.gather_index(selected)  # [M] flat positions (M fixed under static_shapes)
         hidden = generator.electra(input_ids=batch["input_ids"],
-                                   attention_mask=batch["attention_mask"]).last_hidden_state
+                                   attention_mask=encoder_attention_mask(batch)).last_hidden_state
         logits = generator.generator_lm_head(generator.generator_predictions(hidden.flatten(0, 1)[index]))  # [M, V]
         gen_sum, gen_correct = self.masked_lm_sums(logits, self.gather_targets(batch["labels"], index, valid))
 
@@ -300,7 +300,8 @@ class ElectraObjective(Objective):
         disc_ids, replaced = gen["disc_input_ids"], gen["replaced"]
 
         # discriminator: binary cross-entropy on every non-pad position (masked sums: no data-dependent shapes)
-        disc_logits = model.discriminator(input_ids=disc_ids, attention_mask=attention_mask).logits  # [B, L]
+        disc_logits = model.discriminator(input_ids=disc_ids,
+                                          attention_mask=encoder_attention_mask(batch)).logits  # [B, L]
         non_pad = attention_mask.bool()
         bce = F.binary_cross_entropy_with_logits(disc_logits.float(), replaced.float(), reduction="none")
         disc_sum = torch.where(non_pad, bce, 0.0).sum()

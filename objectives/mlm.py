@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .base import IGNORE_INDEX, Objective, build_options
+from .base import IGNORE_INDEX, Objective, build_options, encoder_attention_mask
 
 
 @dataclass
@@ -138,7 +138,8 @@ class MLMObjective(Objective):
     def forward(self, model: nn.Module, batch: Mapping[str, torch.Tensor], normalizers=None) -> dict:
         """model: ``BertForMaskedLM``. Hidden states [B, L, H] are gathered at the M labelled positions before the
         prediction head, giving [M, V] logits (M fixed by the block shape under ``static_shapes``)."""
-        hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+        mask = encoder_attention_mask(batch)
+        hidden = model.bert(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
         selected = batch["labels"] != IGNORE_INDEX
         index, valid = self.gather_index(selected)
         logits = model.cls(hidden.flatten(0, 1)[index])

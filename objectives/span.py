@@ -49,7 +49,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .base import IGNORE_INDEX, Objective, build_options
+from .base import IGNORE_INDEX, Objective, build_options, encoder_attention_mask
 from .mlm import MLMObjective
 
 #: file written next to the Hugging Face export
@@ -383,7 +383,8 @@ class SpanObjective(MLMObjective):
         gathered positions (no [B, L, V] tensor)."""
         if self.sbo_head is None:
             raise RuntimeError("call build_model() first: it creates the SBO head")
-        hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+        mask = encoder_attention_mask(batch)
+        hidden = model.bert(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
         selected = batch["labels"] != IGNORE_INDEX
         index, valid = self.gather_index(selected)
         mlm_sum, mlm_correct = self.masked_lm_sums(model.cls(hidden.flatten(0, 1)[index]),

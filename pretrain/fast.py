@@ -7,6 +7,15 @@ What it changes, and what it keeps:
   so the step has no data-dependent shapes and no host sync. This needs a static masked count:
   ``objective.mlm.static_count: true`` (as BERT's reference data pipeline, which masks round(0.15 n) tokens per
   sequence), SpanBERT's exact budget or ELECTRA's static count. Bernoulli MLM keeps dynamic shapes (a warning says so).
+* Attention without a mask on packed blocks: the collator records whether a batch has padding (``padded``,
+  known on the host when it is built) and the objectives then pass no attention mask at all
+  (:func:`objectives.base.encoder_attention_mask`). HF drops an all-ones mask itself only in eager mode (with a
+  host sync, ``mask.all()``); under ``torch.compile`` it keeps the [B, 1, L, L] mask, and a masked SDPA call with
+  dropout cannot use the flash kernel (DESIGN.md §6 profiled it falling back to a decomposed fp32 attention).
+* Each encoder's layer stack is run by :class:`FusedEncoder`: one [3H, H] GEMM for query/key/value instead of three
+  (the weights are concatenated inside the step, so the parameters stay HF's ``query``/``key``/``value``), then
+  SDPA and HF's own output/intermediate modules. Bias + GeLU and dropout + residual + LayerNorm are left to the
+  compiler, which fuses each into one elementwise kernel.
 * Each transformer stack (``bert``, or the generator's and discriminator's ``electra``) is compiled in place with
   ``nn.Module.compile``: parameter names, checkpoints and exports are exactly those of the eager model.
 * SDPA attention, fused AdamW on CUDA and bf16 (``train.precision``) are the trainer's defaults anyway.
@@ -19,7 +28,9 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions as EncoderOutput
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +49,61 @@ def transformer_stacks(model: nn.Module) -> list[nn.Module]:
     raise TypeError(f"the fast path does not know the encoder of {type(model).__name__}")
 
 
-def apply_fast_path(model: nn.Module, objective: nn.Module, block_size: int) -> None:
-    """Switch ``objective`` to static shapes and compile ``model``'s transformer stacks in place (no new
-    parameters, no renamed ones)."""
+class FusedEncoder(nn.Module):
+    """Runs the ``layer`` list of a ``BertEncoder``/``ElectraEncoder`` with one query/key/value GEMM per layer.
+
+    Holds the very same layer modules under the same attribute name, so every parameter keeps its HF name
+    (``encoder.layer.{i}.attention.self.query.weight`` ...) and the exported checkpoint is unchanged. Computes what
+    HF's SDPA layer computes (checked in tests/test_fast.py): hidden [B, L, H], ``attention_mask`` None or HF's
+    boolean [B, 1, L, L] (True = attend) -> HF's encoder output with ``last_hidden_state`` [B, L, H]."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        config = encoder.config
+        if config.is_decoder or config.add_cross_attention or config.chunk_size_feed_forward:
+            raise ValueError("FusedEncoder runs bidirectional self-attention encoders only (no decoder, cross "
+                             "attention or chunked feed-forward)")
+        self.config = config
+        self.layer = encoder.layer
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **_) -> EncoderOutput:
+        for layer in self.layer:
+            hidden_states = self.layer_forward(layer, hidden_states, attention_mask)
+        return EncoderOutput(last_hidden_state=hidden_states)
+
+    @staticmethod
+    def layer_forward(layer: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """One HF ``BertLayer``/``ElectraLayer`` (post-LN): y = LN(x + drop(O attn(x))), LN(y + drop(W2 gelu(W1 y)))."""
+        attention = layer.attention.self
+        batch, length, width = hidden.shape
+        weight = torch.cat([attention.query.weight, attention.key.weight, attention.value.weight])  # [3H', H]
+        bias = torch.cat([attention.query.bias, attention.key.bias, attention.value.bias])
+        qkv = F.linear(hidden, weight, bias).view(batch, length, 3, attention.num_attention_heads, -1)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, head_dim]
+        context = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, scale=attention.scaling,
+            dropout_p=attention.dropout.p if layer.training else 0.0)
+        context = context.transpose(1, 2).reshape(batch, length, -1)
+        hidden = layer.attention.output(context, hidden)  # dense, dropout, LayerNorm(. + hidden)
+        return layer.output(layer.intermediate(hidden), hidden)
+
+
+def fuse_encoders(model: nn.Module) -> None:
+    """Replace each transformer stack's ``encoder`` by a :class:`FusedEncoder` over the same layers (in place;
+    ``state_dict`` keys and values unchanged)."""
+    for stack in transformer_stacks(model):
+        if not isinstance(stack.encoder, FusedEncoder):
+            stack.encoder = FusedEncoder(stack.encoder)
+
+
+def apply_fast_path(model: nn.Module, objective: nn.Module, block_size: int, fuse: bool = True) -> None:
+    """Switch ``objective`` to static shapes, fuse (``fuse``) and compile ``model``'s transformer stacks in place
+    (no new parameters, no renamed ones)."""
     objective.static_shapes = True
     if objective.max_selected(block_size) is None:
         log.warning("model.fast: the masked count varies per batch (objective.mlm.static_count is false), so the "
                     "prediction head keeps data-dependent shapes; set objective.mlm.static_count: true for static ones")
+    if fuse:
+        fuse_encoders(model)
     for stack in transformer_stacks(model):
         stack.compile(dynamic=False)

@@ -12,14 +12,17 @@ Suites (subcommands):
   baseline: ``BertForMaskedLM(labels=...)`` / ``ElectraForMaskedLM`` + ``ElectraForPreTraining`` with
   full-vocabulary logits, SDPA, AdamW (fused on CUDA), clip 1.0, bf16 autocast on CUDA, ``torch.compile`` with
   ``--compile``) against the trainer's step on the same model shape, batch and precision (the objective's sparse
-  heads, ``accumulate_gradients``, the same optimizer). Both run in one process, round-robin, on random-token
-  batches masked off the clock; warm-up steps are excluded; CUDA is synchronised around the timed steps; the step
-  time is the median over ``--repeat`` rounds. Each row: device, versions, tok/s, step ms, MFU (see
-  ``pretrain.metrics.train_flops_per_token``: 6·N + 12·layers·hidden·seq FLOPs per token, N the non-embedding
-  parameters of the encoder(s); null on CPUs), peak memory (CUDA only; null on CPU) and ``ratio`` = our tok/s over
-  the baseline's. The first step's loss of both is recorded from identical weights: the MLM losses must agree.
-  Our arm uses the fast path (``--fast``, ``model.fast``: static-shape heads + compiled encoders) by default on
-  CUDA only; masking uses a static count per block for both arms (BERT's reference pipeline does the same).
+  heads, ``accumulate_gradients``, the same optimizer), in one or more variants (``--ours``, each its own arm on
+  its own copy of the weights: ``eager``, ``fused``, ``compiled+mask``, ``compiled``, ``fast`` = ``model.fast``;
+  see ``OUR_VARIANTS``; default ``fast`` on CUDA, ``eager`` on CPU), so one run ablates the fast path's levers.
+  All arms run in one process, round-robin, on random-token batches masked off the clock; warm-up steps are
+  excluded; CUDA is synchronised around the timed steps; the step time is the median over ``--repeat`` rounds.
+  Each row: device, versions, tok/s, step ms, MFU (see ``pretrain.metrics.train_flops_per_token``: 6·N +
+  12·layers·hidden·seq FLOPs per token, N the non-embedding parameters of the encoder(s); null on CPUs), the arm's
+  own peak memory (CUDA only: its parameters and optimizer state plus the peak its steps allocate on top, so the
+  other arms' weights do not count; null on CPU), ``peak_mem_ratio`` to the baseline's and ``ratio`` = tok/s over
+  the baseline's. Every arm's MLM (generator) loss on the first batch, from identical weights in eval mode, is
+  recorded: they must agree. Masking uses a static count per block for all arms (as BERT's reference pipeline).
 
 * ``decouple``: DESIGN.md §4 invariant (4). Local-update (and, with ``--synthetic``, synthetic-gradient with
   staleness ``--staleness``) pipelines of K processes (``torchrun``, gloo on CPU /
@@ -357,9 +360,29 @@ class StockElectra:
         return gen_out.loss + 50.0 * disc_out.loss, gen_out.loss
 
 
-def trainer_step(cfg, objective, model, device):
+#: our arm's variants (``--ours``): (fast path applied, FusedEncoder, attention mask kept on unpadded blocks)
+OUR_VARIANTS = {
+    "eager": (False, False, False),  # the trainer's step without model.fast (sparse heads only)
+    "fused": (False, True, False),  # + FusedEncoder, eager (no compile)
+    "compiled+mask": (True, False, True),  # static shapes + compiled HF encoder, mask kept (the DESIGN §6 profile)
+    "compiled": (True, False, False),  # the same without the all-ones mask (SDPA may use flash)
+    "fast": (True, True, False),  # model.fast: static shapes + FusedEncoder + compile, no mask
+}
+
+
+OUR_STEP = {
+    "eager": "the trainer's step (objective's sparse heads, accumulate_gradients, clip, AdamW), model.fast off",
+    "fused": "the trainer's step with FusedEncoder stacks, eager",
+    "compiled+mask": "static-shape heads + compiled HF encoders fed the all-ones attention mask",
+    "compiled": "static-shape heads + compiled HF encoders, no mask on unpadded blocks",
+    "fast": "model.fast: static-shape heads + compiled FusedEncoder stacks, no mask on unpadded blocks",
+}
+
+
+def trainer_step(cfg, objective, model, device, keep_mask: bool = False):
     """The trainer's optimizer step on one micro-batch (``accumulate_gradients`` + clip + AdamW, precision of
-    ``cfg.train``); returns (the prepared module, step(batch))."""
+    ``cfg.train``); returns (the prepared module, its optimizer, step(batch)). ``keep_mask``: hand the encoders the
+    all-ones attention mask of unpadded batches (as HF does under compile) instead of none."""
     from accelerate import Accelerator
 
     from pretrain.trainer import PretrainModule, accumulate_gradients, build_optimizer
@@ -371,17 +394,28 @@ def trainer_step(cfg, objective, model, device):
     module, optimizer = accelerator.prepare(module, optimizer)
 
     def step(batch):
-        accumulate_gradients(module, objective, [batch], accelerator)
+        accumulate_gradients(module, objective, [dict(batch, padded=True) if keep_mask else batch], accelerator)
         accelerator.clip_grad_norm_(module.parameters(), cfg.train.clip_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return module, step
+    return module, optimizer, step
+
+
+def state_bytes(parameters, optimizer) -> int:
+    """Bytes an arm holds between steps: its parameters and optimizer state (gradients are freed by
+    ``zero_grad(set_to_none=True)``). Lets each arm's peak memory be reported without the other arms' state."""
+    import torch
+
+    tensors = list(parameters) + [v for st in optimizer.state.values() for v in st.values()
+                                  if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
 
 
 def step_arms(args, objective_name: str, device):
-    """The two arms (baseline, ours) on the same initial weights: dicts with ``step`` (one optimizer step on a
-    micro-batch), ``first_loss`` (the MLM/generator loss of a batch before any update) and ``modules``."""
+    """The arms on the same initial weights: ``baseline`` and one ``ours:<variant>`` per ``--ours`` variant, each a
+    dict with ``step`` (one optimizer step on a micro-batch), ``first_loss(batch)`` (the MLM/generator loss, eval
+    mode; call it before any step) and ``state()`` (bytes of its parameters and optimizer state)."""
     import contextlib
     import copy
 
@@ -389,7 +423,7 @@ def step_arms(args, objective_name: str, device):
 
     from objectives import get_objective
     from pretrain.data.stream import to_device
-    from pretrain.fast import apply_fast_path
+    from pretrain.fast import apply_fast_path, fuse_encoders
 
     cfg = step_config(args, objective_name, device)
     vocab = PRESETS[args.preset][4]
@@ -399,10 +433,34 @@ def step_arms(args, objective_name: str, device):
     if hasattr(objective, "set_unigram_counts"):
         objective.set_unigram_counts(torch.ones(vocab))
     model = objective.build_model(cfg.model)
-    stock = copy.deepcopy(model)  # identical initial weights
-    if args.fast if args.fast is not None else device.type == "cuda":
-        apply_fast_path(model, objective, args.seq)
-    module, our_step = trainer_step(cfg, objective, model, device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.train.precision == "bf16"
+                else contextlib.nullcontext())
+    key = {"mlm": "mlm_loss", "span": "mlm_loss", "electra": "gen_loss"}[objective_name]
+
+    def evaluated(modules, loss):
+        with torch.no_grad():
+            for m in modules:
+                m.eval()
+            with autocast:
+                value = float(loss())
+            for m in modules:
+                m.train()
+        return value
+
+    arms = {}
+    for variant in args.ours:
+        fast, fuse, keep_mask = OUR_VARIANTS[variant]
+        ours, our_objective = copy.deepcopy(model), copy.deepcopy(objective)  # identical initial weights
+        if fast:
+            apply_fast_path(ours, our_objective, args.seq, fuse=fuse)
+        elif fuse:
+            fuse_encoders(ours)
+        module, optimizer, step = trainer_step(cfg, our_objective, ours, device, keep_mask)
+        arms[f"ours:{variant}"] = {
+            "step": step, "state": lambda m=module, o=optimizer: state_bytes(m.parameters(), o),
+            "first_loss": lambda b, module=module: evaluated([module], lambda: module(to_device(b, device))[key])}
+
+    stock = model
     if objective_name == "electra":
         baseline_model = StockElectra(stock)
         for m in (stock.generator, stock.discriminator):
@@ -421,8 +479,6 @@ def step_arms(args, objective_name: str, device):
         baseline_loss = torch.compile(baseline_loss)
     baseline_opt = torch.optim.AdamW(parameters, lr=1e-4, eps=1e-6, weight_decay=0.01,
                                      fused=device.type == "cuda" or None)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.train.precision == "bf16"
-                else contextlib.nullcontext())
 
     def baseline_step(batch):
         batch = to_device(batch, device)
@@ -433,20 +489,12 @@ def step_arms(args, objective_name: str, device):
         baseline_opt.step()
         baseline_opt.zero_grad(set_to_none=True)
 
-    def first_losses(batch):
-        """Both arms' MLM (generator) loss on ``batch`` in eval mode (no dropout), before any update."""
-        with torch.no_grad():
-            stock.eval(), module.eval()
-            with autocast:
-                base = float(baseline_loss(to_device(batch, device))[1])
-                out = module(to_device(batch, device))
-            stock.train(), module.train()
-        key = {"mlm": "mlm_loss", "span": "mlm_loss", "electra": "gen_loss"}[objective_name]
-        return base, float(out[key])
-
-    stock_encoders = [stock.generator, stock.discriminator] if objective_name == "electra" else [stock]
-    n_params = sum(p.numel() for m in stock_encoders for n, p in m.named_parameters() if "embeddings" not in n)
-    return cfg, objective, {"baseline": baseline_step, "ours": our_step}, first_losses, n_params
+    stock_modules = [stock.generator, stock.discriminator] if objective_name == "electra" else [stock]
+    baseline = {"step": baseline_step, "state": lambda: state_bytes(parameters, baseline_opt),
+                "first_loss": lambda b: evaluated(stock_modules, lambda: baseline_loss(to_device(b, device))[1])}
+    arms = {"baseline": baseline, **arms}
+    n_params = sum(p.numel() for m in stock_modules for n, p in m.named_parameters() if "embeddings" not in n)
+    return cfg, objective, arms, n_params
 
 
 def seconds_per_step(step, batches: list[dict], steps: int, device) -> float:
@@ -473,40 +521,47 @@ def suite_step(args) -> list[dict]:
 
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    args.ours = args.ours or (["fast"] if device.type == "cuda" else ["eager"])
+    # every compiled arm adds graphs (train/eval, generator/discriminator) to the one code object HF's forward
+    # wrapper shares between instances: past the default limit of 8, later arms would silently run eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     env = environment(args)
     rows = []
     for objective_name in args.objective:
-        cfg, objective, steps, first_losses, n_params = step_arms(args, objective_name, device)
+        cfg, objective, arms, n_params = step_arms(args, objective_name, device)
         batches = [objective.collate(b) for b in random_blocks(8, args.batch, args.seq, PRESETS[args.preset][4])]
-        loss_baseline, loss_ours = first_losses(batches[0])
-        times: dict[str, list[float]] = {arm: [] for arm in steps}
-        peaks: dict[str, float | None] = {arm: None for arm in steps}
-        for arm, fn in steps.items():  # warm-up (and compilation) off the clock
+        first_loss = {arm: a["first_loss"](batches[0]) for arm, a in arms.items()}
+        times: dict[str, list[float]] = {arm: [] for arm in arms}
+        peaks: dict[str, float | None] = {arm: None for arm in arms}
+        for arm in arms.values():  # warm-up (and compilation) off the clock
             for s in range(args.warmup):
-                fn(batches[s % len(batches)])
+                arm["step"](batches[s % len(batches)])
         for _ in range(args.repeat):
-            for arm, fn in steps.items():
-                if device.type == "cuda":
+            for name, arm in arms.items():
+                if device.type == "cuda":  # the arm's own peak: its state, plus what its steps allocate on top
+                    torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                times[arm].append(seconds_per_step(fn, batches, args.steps, device))
+                    held = torch.cuda.memory_allocated()
+                times[name].append(seconds_per_step(arm["step"], batches, args.steps, device))
                 if device.type == "cuda":
-                    peaks[arm] = max(peaks[arm] or 0.0, torch.cuda.max_memory_allocated() / 2 ** 20)
+                    own = (torch.cuda.max_memory_allocated() - held + arm["state"]()) / 2 ** 20
+                    peaks[name] = max(peaks[name] or 0.0, own)
         tokens = args.batch * args.seq
         flops = tokens * train_flops_per_token(n_params, cfg.model.num_layers, cfg.model.hidden_size, args.seq)
         peak = peak_flops(env["device"])
         step_s = {arm: statistics.median(ts) for arm, ts in times.items()}
-        for arm in steps:
-            row = {"suite": "step", "arm": arm, "what": BASELINES[objective_name] if arm == "baseline" else
-                   "the trainer's step (objective's sparse heads, accumulate_gradients, clip, AdamW)",
+        for name in arms:
+            arm, _, variant = name.partition(":")
+            row = {"suite": "step", "arm": arm, "variant": variant or None,
+                   "what": BASELINES[objective_name] if arm == "baseline" else OUR_STEP[variant],
                    "objective": objective_name, "preset": args.preset,
                    "seq": args.seq, "batch": args.batch, "precision": cfg.train.precision,
-                   "compile_baseline": bool(args.compile), "fast": bool(args.fast if args.fast is not None
-                                                                        else device.type == "cuda"),
-                   "tok_per_s": tokens / step_s[arm],
-                   "step_ms": 1000 * step_s[arm], "step_ms_rounds": [1000 * t for t in times[arm]],
-                   "mfu": flops / step_s[arm] / peak if peak else None, "peak_mem_mb": peaks[arm],
-                   "ratio": step_s["baseline"] / step_s[arm], "first_mlm_loss": loss_baseline if arm == "baseline"
-                   else loss_ours, "threads": args.threads, **env}
+                   "compile_baseline": bool(args.compile), "tok_per_s": tokens / step_s[name],
+                   "step_ms": 1000 * step_s[name], "step_ms_rounds": [1000 * t for t in times[name]],
+                   "mfu": flops / step_s[name] / peak if peak else None, "peak_mem_mb": peaks[name],
+                   "peak_mem_ratio": (peaks[name] / peaks["baseline"]) if peaks[name] else None,
+                   "ratio": step_s["baseline"] / step_s[name], "first_mlm_loss": first_loss[name],
+                   "threads": args.threads, **env}
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -578,7 +633,7 @@ def suite_e2e(args) -> list[dict]:
             model = objective.build_model(cfg.model)
             if fast_enabled(cfg.model, device):
                 apply_fast_path(model, objective, args.seq)
-            _, step = trainer_step(cfg, objective, model, device)
+            _, _, step = trainer_step(cfg, objective, model, device)
             batches = [objective.collate([dict(data.train[(t * args.batch + i) % len(data.train)],
                                                index=t * args.batch + i) for i in range(args.batch)])
                        for t in range(8)]
@@ -630,8 +685,6 @@ def main(argv=None) -> int:
         p.add_argument("--steps", type=int, default=steps, help=steps_help)
         p.add_argument("--repeat", type=int, default=3, help="rounds of timed steps (median reported)")
         p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (CPU)")
-        p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
-                       help="our step on the fast path (model.fast; default: on CUDA only)")
         p.add_argument("--device", choices=["cpu", "auto"], default="auto")
         p.add_argument("--out", type=Path, default=None, help=f"JSON file (default benchmarks/{suite}-<date>.json)")
 
@@ -639,9 +692,13 @@ def main(argv=None) -> int:
     model_args(st, "step", 10, "timed steps per round")
     st.add_argument("--warmup", type=int, default=3, help="untimed steps per arm before the rounds")
     st.add_argument("--compile", action="store_true", help="torch.compile the baseline's loss function")
+    st.add_argument("--ours", nargs="+", choices=list(OUR_VARIANTS), default=None,
+                    help="variants of our step, each its own arm (default: fast on CUDA, eager on CPU)")
 
     e = sub.add_parser("e2e", help="the whole trainer (fit) vs its pure step, same process")
     model_args(e, "e2e", 20, "steps per window (fit runs two windows)")
+    e.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="model.fast for the trainer and its pure step (default: on CUDA only)")
     e.add_argument("--workers", type=int, default=1, help="DataLoader workers of fit")
     e.add_argument("--documents", type=int, default=2000, help="documents in the synthetic corpus")
 

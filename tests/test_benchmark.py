@@ -21,22 +21,37 @@ def benchmark():
     return module
 
 
-def test_step_suite_runs_both_arms_with_equal_first_losses(benchmark, tmp_path, one_thread):
+def test_step_suite_runs_every_arm_with_equal_first_losses(benchmark, tmp_path, one_thread):
     out = tmp_path / "step.json"
-    argv = ["step", "--objective", "mlm", "span", "electra", "--preset", "tiny", "--seq", "32", "--batch", "4", "--no-fast",
-            "--steps", "2", "--repeat", "2", "--warmup", "1", "--threads", "1", "--device", "cpu", "--out", str(out)]
+    argv = ["step", "--objective", "mlm", "span", "electra", "--preset", "tiny", "--seq", "32", "--batch", "4",
+            "--ours", "eager", "fused", "--steps", "2", "--repeat", "2", "--warmup", "1", "--threads", "1",
+            "--device", "cpu", "--out", str(out)]
     assert benchmark.main(argv) == 0
     rows = json.loads(out.read_text())
-    assert [(r["objective"], r["arm"]) for r in rows] == [
-        (o, a) for o in ("mlm", "span", "electra") for a in ("baseline", "ours")]
-    for base, ours in zip(rows[::2], rows[1::2]):
-        for row in (base, ours):
+    assert [(r["objective"], r["arm"], r["variant"]) for r in rows] == [
+        (o, *a) for o in ("mlm", "span", "electra") for a in (("baseline", None), ("ours", "eager"), ("ours", "fused"))]
+    for base, *ours in zip(rows[::3], rows[1::3], rows[2::3]):
+        for row in (base, *ours):
             assert row["device"] == "cpu" and row["precision"] == "fp32" and row["mfu"] is None
+            assert row["peak_mem_mb"] is None and row["peak_mem_ratio"] is None
             assert row["tok_per_s"] > 0 and len(row["step_ms_rounds"]) == 2
             assert math.isclose(row["tok_per_s"], 4 * 32 / (row["step_ms"] / 1000), rel_tol=1e-9)
-        assert base["ratio"] == 1.0 and math.isclose(ours["ratio"], ours["tok_per_s"] / base["tok_per_s"])
-        # same initial weights, same batch, no dropout: the stock full-vocabulary loss equals our sparse head's
-        assert abs(base["first_mlm_loss"] - ours["first_mlm_loss"]) < 1e-5, (base, ours)
+            assert math.isclose(row["ratio"], row["tok_per_s"] / base["tok_per_s"])
+            # same initial weights, same batch, no dropout: the stock full-vocabulary loss equals our sparse heads'
+            assert abs(base["first_mlm_loss"] - row["first_mlm_loss"]) < 1e-5, (base, row)
+        assert base["ratio"] == 1.0
+
+
+def test_state_bytes_counts_parameters_and_optimizer_state_once(benchmark):
+    import torch
+
+    layer = torch.nn.Linear(4, 3)  # 15 parameters
+    optimizer = torch.optim.AdamW(layer.parameters())
+    assert benchmark.state_bytes([*layer.parameters(), layer.weight], optimizer) == 15 * 4
+    layer(torch.ones(2, 4)).sum().backward()
+    optimizer.step()  # exp_avg and exp_avg_sq per parameter (fp32) and a scalar step count each
+    steps = sum(st["step"].numel() * st["step"].element_size() for st in optimizer.state.values())
+    assert benchmark.state_bytes(layer.parameters(), optimizer) == 3 * 15 * 4 + steps
 
 
 def test_e2e_suite_runs_the_trainer_and_its_pure_step(benchmark, tmp_path, one_thread):

@@ -10,7 +10,8 @@ import torch
 from helpers import make_tokenizer, packed_examples, tiny_model_config
 from objectives import get_objective
 from pretrain.config import ModelConfig
-from pretrain.fast import apply_fast_path, fast_enabled
+from objectives.base import encoder_attention_mask
+from pretrain.fast import FusedEncoder, apply_fast_path, fast_enabled, fuse_encoders, transformer_stacks
 
 OPTIONS = {"mlm": {"static_count": True}, "span": {"sbo_position_dim": 8}, "electra": {}}
 
@@ -82,6 +83,59 @@ def test_bernoulli_mlm_has_no_bound_and_stays_dynamic(tokenizer):
     assert index.tolist() == [3, 13] and valid.all()
 
 
+def full_batch(tokenizer, objective):
+    examples = packed_examples(tokenizer, 6, length=32)
+    for i, e in enumerate(examples):
+        e["index"] = i
+    return objective.collate(examples)
+
+
+def test_the_collator_marks_padding_and_unpadded_batches_drop_the_mask(tokenizer):
+    objective = get_objective("mlm", tokenizer, seed=0)
+    full, short = full_batch(tokenizer, objective), batch_with_a_short_block(tokenizer, objective)
+    assert full["padded"] is False and encoder_attention_mask(full) is None
+    assert short["padded"] is True and encoder_attention_mask(short) is short["attention_mask"]
+    assert not bool((short["attention_mask"] == 0).sum() == 0)
+    unmarked = {k: v for k, v in full.items() if k != "padded"}  # a batch built elsewhere keeps its mask
+    assert encoder_attention_mask(unmarked) is unmarked["attention_mask"]
+
+
+@pytest.mark.parametrize("name", ["mlm", "electra"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_encoder_computes_hf_layers_with_the_same_parameters(tokenizer, name, padded):
+    """Train mode with dropout on both paths, the same seed: HF's layers and the fused ones draw the same dropout
+    masks in the same order, so losses and every gradient agree up to float rounding (one GEMM instead of three)."""
+    objective = get_objective(name, tokenizer, seed=0, **OPTIONS[name])
+    torch.manual_seed(0)
+    model = objective.build_model(tiny_model_config(hidden_dropout=0.1, attention_dropout=0.1))
+    batch = (batch_with_a_short_block if padded else full_batch)(tokenizer, objective)
+    fused = copy.deepcopy(model)
+    fuse_encoders(fused)
+    assert all(isinstance(stack.encoder, FusedEncoder) for stack in transformer_stacks(fused))
+    assert list(fused.state_dict()) == list(model.state_dict())
+    results = []
+    for m in (model, fused):
+        torch.manual_seed(1)
+        out = objective(m, batch)
+        out["loss"].backward()
+        results.append((out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (hf, hf_grads), (ours, our_grads) = results
+    for key in ("loss", *objective.loss_parts):
+        torch.testing.assert_close(ours[key], hf[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert our_grads.keys() == hf_grads.keys() and any(".attention.self.query." in n for n in hf_grads)
+    for key in hf_grads:
+        torch.testing.assert_close(our_grads[key], hf_grads[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_fused_encoder_refuses_decoders():
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, is_decoder=True)
+    with pytest.raises(ValueError, match="bidirectional self-attention encoders only"):
+        FusedEncoder(BertModel(config).encoder)
+
+
 def test_fast_defaults_to_cuda_only():
     assert fast_enabled(ModelConfig(), torch.device("cuda")) and not fast_enabled(ModelConfig(), torch.device("cpu"))
     assert fast_enabled(ModelConfig(fast=True), torch.device("cpu"))
@@ -100,9 +154,12 @@ def test_compiled_encoders_keep_names_losses_and_export_logits(tokenizer, name, 
     batch = batch_with_a_short_block(tokenizer, objective)
     eager = objective(model, batch)["loss"]
     names = list(model.state_dict())
+    full = full_batch(tokenizer, objective)  # no padding: the encoders get no mask (a second graph)
+    eager_full = objective(model, full)["loss"]
     apply_fast_path(model, objective, 32)
-    compiled = objective(model, batch)["loss"]
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert all(isinstance(stack.encoder, FusedEncoder) for stack in transformer_stacks(model))
+    torch.testing.assert_close(objective(model, batch)["loss"], eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(objective(model, full)["loss"], eager_full, rtol=1e-5, atol=1e-5)
     assert list(model.state_dict()) == names
     objective.export(model, tmp_path / "export", tokenizer)
     for path, auto_class, reference in objective.export_targets(model, tmp_path / "export"):

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from objectives.base import IGNORE_INDEX, Objective
+from objectives.base import IGNORE_INDEX, Objective, encoder_attention_mask
 
 #: checkpoint/export keys of the auxiliary heads start with this prefix (followed by the chunk index)
 AUX_PREFIX = "aux."
@@ -291,7 +291,7 @@ class Chunk(nn.Module):
             hidden = inputs["hidden"] if boundary_grads else inputs["hidden"].detach()
             carry = {k: v for k, v in inputs.items() if k != "hidden"}
             parts, counts, metrics = {}, {}, {}
-        mask = self.attention_mask(hidden, batch.get("attention_mask"))
+        mask = self.attention_mask(hidden, encoder_attention_mask(batch))  # None on unpadded blocks: no sync
         for layer in self.layers:
             hidden = layer(hidden, mask)
         if not with_head:  # the frozen-random control: features only
