@@ -1,4 +1,4 @@
-"""The fast path (``model.fast``, DESIGN.md §6): static shapes and compiled encoders, same parameters as HF.
+"""The fast path (``model.fast``, DESIGN.md §6): static shapes, fused encoders, a compiled step; HF parameters.
 
 What it changes, and what it keeps:
 
@@ -16,8 +16,11 @@ What it changes, and what it keeps:
   (the weights are concatenated inside the step, so the parameters stay HF's ``query``/``key``/``value``), then
   SDPA and HF's own output/intermediate modules. Bias + GeLU and dropout + residual + LayerNorm are left to the
   compiler, which fuses each into one elementwise kernel.
-* Each transformer stack (``bert``, or the generator's and discriminator's ``electra``) is compiled in place with
-  ``nn.Module.compile``: parameter names, checkpoints and exports are exactly those of the eager model.
+* The objective's whole forward (encoders, prediction heads, losses and, for ELECTRA, the Gumbel sampling over [M, V])
+  is compiled as one graph with ``nn.Module.compile`` on the objective (all three objectives trace without a graph
+  break): the [M, V] cross-entropy and noise are fused instead of materialised in fp32, and parameter names,
+  checkpoints and exports are exactly those of the eager model. Encoders called outside the objective (evaluation
+  helpers, export checks) run eagerly.
 * SDPA attention, fused AdamW on CUDA and bf16 (``train.precision``) are the trainer's defaults anyway.
 
 The decoupled runtimes (``decouple.mode`` local/synthetic) do not use it.
@@ -41,7 +44,7 @@ def fast_enabled(model_cfg, device: torch.device) -> bool:
 
 
 def transformer_stacks(model: nn.Module) -> list[nn.Module]:
-    """The encoders to compile: ``model.bert`` (BERT) or ``generator.electra`` and ``discriminator.electra``."""
+    """The transformer stacks: ``model.bert`` (BERT) or ``generator.electra`` and ``discriminator.electra``."""
     if hasattr(model, "bert"):
         return [model.bert]
     if hasattr(model, "generator") and hasattr(model, "discriminator"):
@@ -97,13 +100,12 @@ def fuse_encoders(model: nn.Module) -> None:
 
 
 def apply_fast_path(model: nn.Module, objective: nn.Module, block_size: int, fuse: bool = True) -> None:
-    """Switch ``objective`` to static shapes, fuse (``fuse``) and compile ``model``'s transformer stacks in place
-    (no new parameters, no renamed ones)."""
+    """Switch ``objective`` to static shapes, fuse ``model``'s transformer stacks (``fuse``) and compile the
+    objective's forward, in place (no new parameters, no renamed ones)."""
     objective.static_shapes = True
     if objective.max_selected(block_size) is None:
         log.warning("model.fast: the masked count varies per batch (objective.mlm.static_count is false), so the "
                     "prediction head keeps data-dependent shapes; set objective.mlm.static_count: true for static ones")
     if fuse:
         fuse_encoders(model)
-    for stack in transformer_stacks(model):
-        stack.compile(dynamic=False)
+    objective.compile(dynamic=False)

@@ -112,14 +112,15 @@ def check_tokenizer(cfg: Config, tokenizer):
     return tokenizer
 
 
-def make_loader(dataset, collate, micro_batch_size, world, rank, start, stop, num_workers):
+def make_loader(dataset, collate, micro_batch_size, world, rank, start, stop, num_workers, pin_memory=False):
     """A DataLoader over this rank's stream positions. Its own generator keeps it from drawing on the global torch
-    RNG (which would shift dropout masks after a resume); masking is seeded per sample, not per worker."""
+    RNG (which would shift dropout masks after a resume); masking is seeded per sample, not per worker.
+    ``pin_memory`` (training on CUDA): page-locked batches, so the step's non-blocking copies do not stall the host."""
     sampler = StreamBatchSampler(micro_batch_size, world, rank, start=start, stop=stop)
     return DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
         persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
-        generator=torch.Generator().manual_seed(start),
+        generator=torch.Generator().manual_seed(start), pin_memory=pin_memory,
     )
 
 
@@ -215,7 +216,8 @@ def fit(cfg: Config, overwrite: bool = False) -> dict:
     tokens_per_step = t.grad_accum * world * t.micro_batch_size * cfg.data.block_size
     train_stream = StreamDataset(data.train, t.seed)
     loader = make_loader(train_stream, collator.collate, t.micro_batch_size, world, rank,
-                         start=state["step"] * t.grad_accum, stop=None, num_workers=cfg.data.num_workers)
+                         start=state["step"] * t.grad_accum, stop=None, num_workers=cfg.data.num_workers,
+                         pin_memory=accelerator.device.type == "cuda")
     batches = iter(loader)
     raw = unwrap(module)
     n_params = sum(p.numel() for n, p in raw.model.named_parameters() if "embeddings" not in n)

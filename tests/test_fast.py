@@ -143,26 +143,41 @@ def test_fast_defaults_to_cuda_only():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mlm", "electra"])
-def test_compiled_encoders_keep_names_losses_and_export_logits(tokenizer, name, tmp_path, one_thread):
-    """torch.compile on CPU (inductor + the system C++ compiler): about a minute per model, hence slow."""
+@pytest.mark.parametrize("name", ["mlm", "span", "electra"])
+def test_compiled_step_keeps_names_losses_gradients_and_export_logits(tokenizer, name, tmp_path, one_thread):
+    """The fast path end to end (static shapes, FusedEncoder, the objective compiled as one graph) against the eager
+    HF model, on a padded batch and on an unpadded one (no mask: a second graph). torch.compile on CPU (inductor +
+    the system C++ compiler) takes about a minute per objective, hence slow."""
     from pretrain.export import roundtrip_check
 
     objective = get_objective(name, tokenizer, seed=0, **OPTIONS[name])
+    if name == "span":
+        objective.set_unigram_counts(torch.ones(len(tokenizer)))
     torch.manual_seed(0)
-    model = objective.build_model(tiny_model_config()).eval()
-    batch = batch_with_a_short_block(tokenizer, objective)
-    eager = objective(model, batch)["loss"]
-    names = list(model.state_dict())
-    full = full_batch(tokenizer, objective)  # no padding: the encoders get no mask (a second graph)
-    eager_full = objective(model, full)["loss"]
-    apply_fast_path(model, objective, 32)
-    assert all(isinstance(stack.encoder, FusedEncoder) for stack in transformer_stacks(model))
-    torch.testing.assert_close(objective(model, batch)["loss"], eager, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(objective(model, full)["loss"], eager_full, rtol=1e-5, atol=1e-5)
-    assert list(model.state_dict()) == names
-    objective.export(model, tmp_path / "export", tokenizer)
-    for path, auto_class, reference in objective.export_targets(model, tmp_path / "export"):
+    model = objective.build_model(tiny_model_config())  # train mode, dropout 0: both paths see the same network
+    fast_model, fast_objective = copy.deepcopy(model), copy.deepcopy(objective)
+    apply_fast_path(fast_model, fast_objective, 32)
+    assert fast_objective._compiled_call_impl is not None
+    assert all(isinstance(stack.encoder, FusedEncoder) for stack in transformer_stacks(fast_model))
+    assert list(fast_model.state_dict()) == list(model.state_dict())
+    for batch in (batch_with_a_short_block(tokenizer, objective), full_batch(tokenizer, objective)):
+        results = []
+        for obj, m in ((objective, model), (fast_objective, fast_model)):
+            out = obj(m, batch)
+            out["loss"].backward()
+            grads = {n: p.grad.clone() for n, p in [*m.named_parameters(), *obj.named_parameters()]
+                     if p.grad is not None}
+            m.zero_grad(), obj.zero_grad()
+            results.append((out, grads))
+        (eager, eager_grads), (fast, fast_grads) = results
+        for key in ("loss", *objective.loss_parts):
+            torch.testing.assert_close(fast[key], eager[key], rtol=1e-5, atol=1e-5, msg=key)
+        assert fast_grads.keys() == eager_grads.keys() and eager_grads
+        for key in eager_grads:
+            torch.testing.assert_close(fast_grads[key], eager_grads[key], rtol=1e-4, atol=1e-6, msg=key)
+    fast_model.eval()
+    objective.export(fast_model, tmp_path / "export", tokenizer)
+    for path, auto_class, reference in objective.export_targets(fast_model, tmp_path / "export"):
         assert roundtrip_check(path, auto_class, reference, batch["input_ids"], batch["attention_mask"],
                                atol=1e-4)["max_abs_err"] <= 1e-4
 

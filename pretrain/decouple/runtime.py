@@ -692,7 +692,7 @@ def fit_decoupled(cfg: Config, overwrite: bool = False, data=None) -> dict:
     tokens_per_step = layout.replicas * t.grad_accum * t.micro_batch_size * cfg.data.block_size
     loader = make_loader(StreamDataset(data.train, t.seed), collator.collate, t.micro_batch_size, layout.replicas,
                          layout.dp_index, start=state["step"] * t.grad_accum, stop=None,
-                         num_workers=cfg.data.num_workers)
+                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     batches = iter(loader)
     n_params = sum(p.numel() for n, p in model.model.named_parameters() if "embeddings" not in n)
     n_layers = sum(stop - start for start, stop in model.ranges)
