@@ -101,8 +101,9 @@ class ModelConfig:
     embedding_size: int | None = None
     """ELECTRA only: embedding width (null = hidden_size); an embedding projection maps it to the hidden size."""
     fast: bool | None = None
-    """Fast path (pretrain/fast.py): static-shape prediction heads and torch.compile'd encoders, same parameters
-    and exports. null = on when training on CUDA."""
+    """Fast path (pretrain/fast.py): static-shape prediction heads, fused QKV encoders without a mask on unpadded
+    blocks, the objective's forward torch.compile'd as one graph; same parameters and exports. null = on when
+    training on CUDA."""
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:

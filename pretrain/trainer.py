@@ -194,7 +194,7 @@ def fit(cfg: Config, overwrite: bool = False) -> dict:
         objective.set_unigram_counts(data.unigram_counts)
     model = objective.build_model(cfg.model)
     collator = copy.deepcopy(objective)  # a CPU copy for DataLoader workers; the trained one moves to the device
-    if fast_enabled(cfg.model, accelerator.device):  # static-shape heads, compiled encoders (pretrain/fast.py)
+    if fast_enabled(cfg.model, accelerator.device):  # static shapes, fused encoders, compiled step (pretrain/fast.py)
         apply_fast_path(model, objective, cfg.data.block_size)
     module = PretrainModule(model, objective)
     ewc = prepare_continued(cfg, module, tokenizer, out, accelerator)  # source weights; F and θ* for λ > 0

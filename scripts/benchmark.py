@@ -364,18 +364,18 @@ class StockElectra:
 OUR_VARIANTS = {
     "eager": (False, False, False),  # the trainer's step without model.fast (sparse heads only)
     "fused": (False, True, False),  # + FusedEncoder, eager (no compile)
-    "compiled+mask": (True, False, True),  # static shapes + compiled HF encoder, mask kept (the DESIGN §6 profile)
+    "compiled+mask": (True, False, True),  # static shapes, HF encoder fed its mask, objective compiled
     "compiled": (True, False, False),  # the same without the all-ones mask (SDPA may use flash)
-    "fast": (True, True, False),  # model.fast: static shapes + FusedEncoder + compile, no mask
+    "fast": (True, True, False),  # model.fast: static shapes + FusedEncoder, no mask, objective compiled
 }
 
 
 OUR_STEP = {
     "eager": "the trainer's step (objective's sparse heads, accumulate_gradients, clip, AdamW), model.fast off",
     "fused": "the trainer's step with FusedEncoder stacks, eager",
-    "compiled+mask": "static-shape heads + compiled HF encoders fed the all-ones attention mask",
-    "compiled": "static-shape heads + compiled HF encoders, no mask on unpadded blocks",
-    "fast": "model.fast: static-shape heads + compiled FusedEncoder stacks, no mask on unpadded blocks",
+    "compiled+mask": "static-shape heads, HF encoders fed the all-ones attention mask, objective compiled",
+    "compiled": "static-shape heads, HF encoders without a mask on unpadded blocks, objective compiled",
+    "fast": "model.fast: static-shape heads, FusedEncoder stacks without a mask on unpadded blocks, objective compiled",
 }
 
 
