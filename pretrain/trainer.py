@@ -145,13 +145,17 @@ def accumulate_gradients(module, collator, micro_batches: list[dict], accelerato
 
     Token-exact: each loss part is normalised by its target count summed over the whole window and all processes.
     DDP averages gradients over processes, so the normalisers are divided by the world size: the resulting gradient
-    is sum(losses) / global count, exactly the gradient of one big batch."""
+    is sum(losses) / global count, exactly the gradient of one big batch.
+
+    No host sync: the micro-batches are copied to the device without blocking (page-locked when the DataLoader pins
+    them) and counted there; a blocking copy of the counts would wait for the previous step's kernels."""
+    micro_batches = [to_device(b, accelerator.device) for b in micro_batches]
     counts: dict[str, torch.Tensor] = {}
     for b in micro_batches:
         for key, value in collator.counts(b).items():
             counts[key] = counts.get(key, 0) + value.float()
     names = sorted(counts)
-    totals = torch.stack([counts[k] for k in names]).to(accelerator.device)
+    totals = torch.stack([counts[k] for k in names])
     world = accelerator.num_processes
     if world > 1:
         totals = accelerator.reduce(totals, "sum")
@@ -160,7 +164,7 @@ def accumulate_gradients(module, collator, micro_batches: list[dict], accelerato
     for i, batch in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
         with (nullcontext() if sync else accelerator.no_sync(module)), accelerator.autocast():
-            out = module(to_device(batch, accelerator.device), normalizers)
+            out = module(batch, normalizers)
         accelerator.backward(out["loss"])
         outs.append(out)
     return outs

@@ -573,7 +573,7 @@ def window_normalizers(collator, micro_batches: list[dict], device) -> dict[str,
     for batch in micro_batches:
         for key, value in collator.counts(batch).items():
             counts[key] = counts.get(key, 0) + value.float()
-    return {k: v.to(device) for k, v in counts.items()}
+    return {k: v.to(device, non_blocking=True) for k, v in counts.items()}  # no wait for queued kernels
 
 
 # --------------------------------------------------------------------------- building, export
