@@ -78,7 +78,7 @@ class FusedEncoder(nn.Module):
     def layer_forward(layer: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """One HF ``BertLayer``/``ElectraLayer`` (post-LN): y = LN(x + drop(O attn(x))), LN(y + drop(W2 gelu(W1 y)))."""
         attention = layer.attention.self
-        batch, length, width = hidden.shape
+        batch, length, _ = hidden.shape
         weight = torch.cat([attention.query.weight, attention.key.weight, attention.value.weight])  # [3H', H]
         bias = torch.cat([attention.query.bias, attention.key.bias, attention.value.bias])
         qkv = F.linear(hidden, weight, bias).view(batch, length, 3, attention.num_attention_heads, -1)
