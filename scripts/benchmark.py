@@ -22,7 +22,8 @@ Suites (subcommands):
   own peak memory (CUDA only: its parameters and optimizer state plus the peak its steps allocate on top, so the
   other arms' weights do not count; null on CPU), ``peak_mem_ratio`` to the baseline's and ``ratio`` = tok/s over
   the baseline's. Every arm's MLM (generator) loss on the first batch, from identical weights in eval mode, is
-  recorded: they must agree. Masking uses a static count per block for all arms (as BERT's reference pipeline).
+  recorded with its relative difference to the baseline's (``first_loss_rel_diff``): they must agree (fp32: to
+  rounding; bf16: to a few 2**-8). Masking uses a static count per block for all arms (as BERT's reference pipeline).
 
 * ``decouple``: DESIGN.md §4 invariant (4). Local-update (and, with ``--synthetic``, synthetic-gradient with
   staleness ``--staleness``) pipelines of K processes (``torchrun``, gloo on CPU /
@@ -561,6 +562,7 @@ def suite_step(args) -> list[dict]:
                    "mfu": flops / step_s[name] / peak if peak else None, "peak_mem_mb": peaks[name],
                    "peak_mem_ratio": (peaks[name] / peaks["baseline"]) if peaks[name] else None,
                    "ratio": step_s["baseline"] / step_s[name], "first_mlm_loss": first_loss[name],
+                   "first_loss_rel_diff": abs(first_loss[name] - first_loss["baseline"]) / abs(first_loss["baseline"]),
                    "threads": args.threads, **env}
             print(json.dumps(row), flush=True)
             rows.append(row)

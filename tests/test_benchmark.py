@@ -39,6 +39,8 @@ def test_step_suite_runs_every_arm_with_equal_first_losses(benchmark, tmp_path, 
             assert math.isclose(row["ratio"], row["tok_per_s"] / base["tok_per_s"])
             # same initial weights, same batch, no dropout: the stock full-vocabulary loss equals our sparse heads'
             assert abs(base["first_mlm_loss"] - row["first_mlm_loss"]) < 1e-5, (base, row)
+            assert math.isclose(row["first_loss_rel_diff"],
+                                abs(base["first_mlm_loss"] - row["first_mlm_loss"]) / base["first_mlm_loss"])
         assert base["ratio"] == 1.0
 
 
