@@ -545,7 +545,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 #: keys that may change between a run and its resumption (anything else must match the saved config)
 RESUMABLE_CHANGES = ("train.max_steps", "train.eval_every", "train.save_every", "train.keep_last",
                      "train.log_every", "train.eval_batches", "data.num_workers", "data.cache_dir", "log.",
-                     "decouple.runtime")
+                     "decouple.runtime", "model.fast")
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -88,9 +88,9 @@ def test_save_roundtrip_and_differences(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
-    changed = load_config("configs/tiny.yaml", ["train.lr=3e-4", "train.max_steps=5000"])
+    changed = load_config("configs/tiny.yaml", ["train.lr=3e-4", "train.max_steps=5000", "model.fast=true"])
     diffs = config_differences(yaml.safe_load((tmp_path / "config.yaml").read_text()), config_to_dict(changed))
-    assert diffs == ["train.lr: 0.0002 -> 0.0003"], "max_steps may change on resume; lr may not"
+    assert diffs == ["train.lr: 0.0002 -> 0.0003"], "max_steps and the fast path may change on resume; lr may not"
 
 
 def test_saved_config_is_never_seen_half_written(tmp_path):

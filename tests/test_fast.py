@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from helpers import make_tokenizer, packed_examples, tiny_model_config
+from helpers import make_tokenizer, packed_examples, tiny_model_config, toy_corpus, train_records, write_tiny_config
 from objectives import get_objective
 from pretrain.config import ModelConfig
 from objectives.base import encoder_attention_mask
@@ -180,6 +180,38 @@ def test_compiled_step_keeps_names_losses_gradients_and_export_logits(tokenizer,
     for path, auto_class, reference in objective.export_targets(fast_model, tmp_path / "export"):
         assert roundtrip_check(path, auto_class, reference, batch["input_ids"], batch["attention_mask"],
                                atol=1e-4)["max_abs_err"] <= 1e-4
+
+
+@pytest.mark.slow
+def test_a_run_resumed_on_the_fast_path_follows_the_eager_run(tmp_path, one_thread):
+    """``model.fast`` may change on resume (same parameters, same checkpoint): 3 eager steps, then 3 on the fast
+    path from the step-3 checkpoint, against 6 eager steps (dropout 0, static masked count): the same losses to float
+    rounding, and the fast run's export reloads with the same logits (``fit`` checks it in a fresh process)."""
+    import yaml
+
+    from pretrain.config import config_from_dict
+    from pretrain.trainer import fit
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("\n".join(toy_corpus(n_docs=200, seed=1)) + "\n")
+
+    def run(name: str, steps: int, fast: bool):
+        tree = yaml.safe_load(write_tiny_config(tmp_path / f"{name}.yaml", corpus, tmp_path / "cache",
+                                                max_steps=steps, save_every=3).read_text())
+        tree["output_dir"] = str(tmp_path / name)
+        tree["model"].update(fast=fast, hidden_dropout=0.0, attention_dropout=0.0)
+        tree["objective"] = {"name": "mlm", "mlm": {"static_count": True}}
+        fit(config_from_dict(tree))
+        return train_records(tmp_path / name)
+
+    eager = run("eager", 6, False)
+    run("resumed", 3, False)
+    resumed = run("resumed", 6, True)
+    assert sorted(resumed) == sorted(eager) == list(range(1, 7))
+    for step in eager:
+        assert resumed[step]["mlm_loss"] == pytest.approx(eager[step]["mlm_loss"], rel=1e-4), step
+    assert (tmp_path / "resumed" / "export" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("fused", [True, None])
