@@ -102,7 +102,7 @@ class ModelConfig:
     """ELECTRA only: embedding width (null = hidden_size); an embedding projection maps it to the hidden size."""
     fast: bool | None = None
     """Fast path (pretrain/fast.py): static-shape prediction heads, fused QKV encoders without a mask on unpadded
-    blocks, the objective's forward torch.compile'd as one graph; same parameters and exports. null = on when
+    blocks, the step's forward torch.compile'd as one graph; same parameters and exports. null = on when
     training on CUDA."""
 
     def __post_init__(self):

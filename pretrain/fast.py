@@ -16,11 +16,13 @@ What it changes, and what it keeps:
   (the weights are concatenated inside the step, so the parameters stay HF's ``query``/``key``/``value``), then
   SDPA and HF's own output/intermediate modules. Bias + GeLU and dropout + residual + LayerNorm are left to the
   compiler, which fuses each into one elementwise kernel.
-* The objective's whole forward (encoders, prediction heads, losses and, for ELECTRA, the Gumbel sampling over [M, V])
-  is compiled as one graph with ``nn.Module.compile`` on the objective (all three objectives trace without a graph
-  break): the [M, V] cross-entropy and noise are fused instead of materialised in fp32, and parameter names,
-  checkpoints and exports are exactly those of the eager model. Encoders called outside the objective (evaluation
-  helpers, export checks) run eagerly.
+* :func:`compile_step`: the step's whole forward (encoders, prediction heads, losses and, for ELECTRA, the Gumbel
+  sampling over [M, V]) is compiled as one graph with ``nn.Module.compile`` on the trainer's module, after
+  accelerate has wrapped it (all three objectives trace without a graph break): the [M, V] cross-entropy and noise
+  are fused instead of materialised in fp32, and parameter names, checkpoints and exports are exactly those of the
+  eager model. Under DDP the wrapper itself is compiled, so dynamo's DDP optimizer cuts the graph at the gradient
+  buckets and their all-reduces overlap the backward (a graph compiled inside DDP would hand over every gradient
+  only at its end). Encoders called outside the step (evaluation helpers, export checks) run eagerly.
 * SDPA attention, fused AdamW on CUDA and bf16 (``train.precision``) are the trainer's defaults anyway.
 
 The decoupled runtimes (``decouple.mode`` local/synthetic) do not use it.
@@ -100,12 +102,17 @@ def fuse_encoders(model: nn.Module) -> None:
 
 
 def apply_fast_path(model: nn.Module, objective: nn.Module, block_size: int, fuse: bool = True) -> None:
-    """Switch ``objective`` to static shapes, fuse ``model``'s transformer stacks (``fuse``) and compile the
-    objective's forward, in place (no new parameters, no renamed ones)."""
+    """Switch ``objective`` to static shapes and fuse ``model``'s transformer stacks (``fuse``), in place (no new
+    parameters, no renamed ones). Then wrap both (``PretrainModule``, accelerate) and :func:`compile_step`."""
     objective.static_shapes = True
     if objective.max_selected(block_size) is None:
         log.warning("model.fast: the masked count varies per batch (objective.mlm.static_count is false), so the "
                     "prediction head keeps data-dependent shapes; set objective.mlm.static_count: true for static ones")
     if fuse:
         fuse_encoders(model)
-    objective.compile(dynamic=False)
+
+
+def compile_step(module: nn.Module) -> None:
+    """Compile ``module`` (a ``PretrainModule``, or the DDP wrapper accelerate put around it) in place with static
+    shapes: ``module(batch, normalizers)`` becomes one graph, its ``state_dict`` keys stay as they are."""
+    module.compile(dynamic=False)

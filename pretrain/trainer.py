@@ -25,7 +25,7 @@ from .config import Config, config_differences, config_to_dict, save_config
 from .data.stream import StreamBatchSampler, StreamDataset, to_device
 from .ewc import prepare_continued, resolve_source
 from .export import roundtrip_check, unwrap
-from .fast import apply_fast_path, fast_enabled
+from .fast import apply_fast_path, compile_step, fast_enabled
 from .metrics import MetricsLogger, MetricTracker, peak_flops, train_flops_per_token
 from .schedules import apply_schedule
 
@@ -198,12 +198,15 @@ def fit(cfg: Config, overwrite: bool = False) -> dict:
         objective.set_unigram_counts(data.unigram_counts)
     model = objective.build_model(cfg.model)
     collator = copy.deepcopy(objective)  # a CPU copy for DataLoader workers; the trained one moves to the device
-    if fast_enabled(cfg.model, accelerator.device):  # static shapes, fused encoders, compiled step (pretrain/fast.py)
+    fast = fast_enabled(cfg.model, accelerator.device)
+    if fast:  # static shapes, fused encoders (pretrain/fast.py); the step is compiled once wrapped, below
         apply_fast_path(model, objective, cfg.data.block_size)
     module = PretrainModule(model, objective)
     ewc = prepare_continued(cfg, module, tokenizer, out, accelerator)  # source weights; F and θ* for λ > 0
     optimizer = build_optimizer(module, t, accelerator.device.type)
     module, optimizer = accelerator.prepare(module, optimizer)
+    if fast:
+        compile_step(module)
     if ewc is not None:
         accelerator.register_for_checkpointing(ewc)  # every checkpoint carries F and θ*
     if accelerator.is_main_process:

@@ -365,27 +365,29 @@ class StockElectra:
 OUR_VARIANTS = {
     "eager": (False, False, False),  # the trainer's step without model.fast (sparse heads only)
     "fused": (False, True, False),  # + FusedEncoder, eager (no compile)
-    "compiled+mask": (True, False, True),  # static shapes, HF encoder fed its mask, objective compiled
+    "compiled+mask": (True, False, True),  # static shapes, HF encoder fed its mask, step compiled
     "compiled": (True, False, False),  # the same without the all-ones mask (SDPA may use flash)
-    "fast": (True, True, False),  # model.fast: static shapes + FusedEncoder, no mask, objective compiled
+    "fast": (True, True, False),  # model.fast: static shapes + FusedEncoder, no mask, step compiled
 }
 
 
 OUR_STEP = {
     "eager": "the trainer's step (objective's sparse heads, accumulate_gradients, clip, AdamW), model.fast off",
     "fused": "the trainer's step with FusedEncoder stacks, eager",
-    "compiled+mask": "static-shape heads, HF encoders fed the all-ones attention mask, objective compiled",
-    "compiled": "static-shape heads, HF encoders without a mask on unpadded blocks, objective compiled",
-    "fast": "model.fast: static-shape heads, FusedEncoder stacks without a mask on unpadded blocks, objective compiled",
+    "compiled+mask": "static-shape heads, HF encoders fed the all-ones attention mask, step compiled",
+    "compiled": "static-shape heads, HF encoders without a mask on unpadded blocks, step compiled",
+    "fast": "model.fast: static-shape heads, FusedEncoder stacks without a mask on unpadded blocks, step compiled",
 }
 
 
-def trainer_step(cfg, objective, model, device, keep_mask: bool = False):
+def trainer_step(cfg, objective, model, device, keep_mask: bool = False, compile: bool = False):
     """The trainer's optimizer step on one micro-batch (``accumulate_gradients`` + clip + AdamW, precision of
-    ``cfg.train``); returns (the prepared module, its optimizer, step(batch)). ``keep_mask``: hand the encoders the
-    all-ones attention mask of unpadded batches (as HF does under compile) instead of none."""
+    ``cfg.train``; ``compile``: the fast path's ``compile_step``); returns (the prepared module, its optimizer,
+    step(batch)). ``keep_mask``: hand the encoders the all-ones attention mask of unpadded batches (as HF does under
+    compile) instead of none."""
     from accelerate import Accelerator
 
+    from pretrain.fast import compile_step
     from pretrain.trainer import PretrainModule, accumulate_gradients, build_optimizer
 
     accelerator = Accelerator(cpu=device.type == "cpu",
@@ -393,6 +395,8 @@ def trainer_step(cfg, objective, model, device, keep_mask: bool = False):
     module = PretrainModule(model, objective)
     optimizer = build_optimizer(module, cfg.train, device.type)
     module, optimizer = accelerator.prepare(module, optimizer)
+    if compile:
+        compile_step(module)
 
     def step(batch):
         accumulate_gradients(module, objective, [dict(batch, padded=True) if keep_mask else batch], accelerator)
@@ -456,7 +460,7 @@ def step_arms(args, objective_name: str, device):
             apply_fast_path(ours, our_objective, args.seq, fuse=fuse)
         elif fuse:
             fuse_encoders(ours)
-        module, optimizer, step = trainer_step(cfg, our_objective, ours, device, keep_mask)
+        module, optimizer, step = trainer_step(cfg, our_objective, ours, device, keep_mask, compile=fast)
         arms[f"ours:{variant}"] = {
             "step": step, "state": lambda m=module, o=optimizer: state_bytes(m.parameters(), o),
             "first_loss": lambda b, module=module: evaluated([module], lambda: module(to_device(b, device))[key])}
@@ -633,9 +637,10 @@ def suite_e2e(args) -> list[dict]:
             if hasattr(objective, "set_unigram_counts"):
                 objective.set_unigram_counts(data.unigram_counts)
             model = objective.build_model(cfg.model)
-            if fast_enabled(cfg.model, device):
+            fast = fast_enabled(cfg.model, device)
+            if fast:
                 apply_fast_path(model, objective, args.seq)
-            _, _, step = trainer_step(cfg, objective, model, device)
+            _, _, step = trainer_step(cfg, objective, model, device, compile=fast)
             batches = [objective.collate([dict(data.train[(t * args.batch + i) % len(data.train)],
                                                index=t * args.batch + i) for i in range(args.batch)])
                        for t in range(8)]

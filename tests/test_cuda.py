@@ -15,7 +15,8 @@ from helpers import make_tokenizer, packed_examples, tiny_model_config
 from objectives import get_objective
 from pretrain.config import TrainConfig
 from pretrain.data.stream import to_device
-from pretrain.fast import apply_fast_path, fuse_encoders
+from pretrain.fast import apply_fast_path, compile_step, fuse_encoders
+from pretrain.trainer import PretrainModule
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -59,7 +60,7 @@ def test_fast_step_never_waits_for_the_gpu(tokenizer, name):
     AdamW, zero_grad) under bf16 on the fast path, after compilation: any host-device sync raises."""
     from accelerate import Accelerator
 
-    from pretrain.trainer import PretrainModule, accumulate_gradients, build_optimizer, step_if_finite
+    from pretrain.trainer import accumulate_gradients, build_optimizer, step_if_finite
 
     objective, model = setup(tokenizer, name)
     collator = copy.deepcopy(objective)
@@ -68,6 +69,7 @@ def test_fast_step_never_waits_for_the_gpu(tokenizer, name):
     module = PretrainModule(model, objective)
     optimizer = build_optimizer(module, TrainConfig(), "cuda")
     module, optimizer = accelerator.prepare(module, optimizer)
+    compile_step(module)
     data = batches(tokenizer, collator, 4)
 
     def step(micro):
@@ -99,10 +101,11 @@ def test_unpadded_batches_take_the_flash_kernel_inside_the_compiled_step(tokeniz
     eager_model, eager_objective = copy.deepcopy(model).cuda(), copy.deepcopy(objective).cuda()
     fuse_encoders(eager_model)
     apply_fast_path(model, objective, 64)
-    model.cuda(), objective.cuda()
+    module = PretrainModule(model, objective).cuda()
+    compile_step(module)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), torch.autocast("cuda", dtype=torch.bfloat16):
         for batch in batches(tokenizer, objective, 2):
-            out = objective(model, to_device(batch, "cuda"))
+            out = module(to_device(batch, "cuda"))
             out["loss"].backward()
             assert torch.isfinite(out["loss"])
         padded = to_device(batches(tokenizer, objective, 1, padded=True)[0], "cuda")
@@ -118,10 +121,11 @@ def test_fast_path_bf16_loss_matches_the_stock_model(tokenizer, name):
     objective, model = setup(tokenizer, name)
     stock = copy.deepcopy(model).cuda().eval()
     apply_fast_path(model, objective, 64)
-    model.cuda().eval(), objective.cuda()
+    module = PretrainModule(model, objective).cuda().eval()
+    compile_step(module)
     batch = to_device(batches(tokenizer, objective, 1)[0], "cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        ours = objective(model, batch)["gen_loss" if name == "electra" else "mlm_loss"].float()
+        ours = module(batch)["gen_loss" if name == "electra" else "mlm_loss"].float()
         hf = stock.generator if name == "electra" else stock
         theirs = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     labels=batch["labels"]).loss.float()

@@ -1,8 +1,10 @@
-"""The fast path: static-shape gathers give the eager losses and gradients; compiled encoders keep names and logits."""
+"""The fast path: static-shape gathers and fused encoders give HF's losses and gradients; the compiled step keeps
+names, losses, gradients (under DDP too), resumption and export logits."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from helpers import make_tokenizer, packed_examples, tiny_model_config, toy_corp
 from objectives import get_objective
 from pretrain.config import ModelConfig
 from objectives.base import encoder_attention_mask
-from pretrain.fast import FusedEncoder, apply_fast_path, fast_enabled, fuse_encoders, transformer_stacks
+from pretrain.fast import FusedEncoder, apply_fast_path, compile_step, fast_enabled, fuse_encoders, transformer_stacks
 
 OPTIONS = {"mlm": {"static_count": True}, "span": {"sbo_position_dim": 8}, "electra": {}}
 
@@ -145,10 +147,11 @@ def test_fast_defaults_to_cuda_only():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlm", "span", "electra"])
 def test_compiled_step_keeps_names_losses_gradients_and_export_logits(tokenizer, name, tmp_path, one_thread):
-    """The fast path end to end (static shapes, FusedEncoder, the objective compiled as one graph) against the eager
-    HF model, on a padded batch and on an unpadded one (no mask: a second graph). torch.compile on CPU (inductor +
-    the system C++ compiler) takes about a minute per objective, hence slow."""
+    """The fast path end to end (static shapes, FusedEncoder, the trainer's module compiled as one graph) against
+    the eager HF model, on a padded batch and on an unpadded one (no mask: a second graph). torch.compile on CPU
+    (inductor + the system C++ compiler) takes about a minute per objective, hence slow."""
     from pretrain.export import roundtrip_check
+    from pretrain.trainer import PretrainModule
 
     objective = get_objective(name, tokenizer, seed=0, **OPTIONS[name])
     if name == "span":
@@ -157,13 +160,17 @@ def test_compiled_step_keeps_names_losses_gradients_and_export_logits(tokenizer,
     model = objective.build_model(tiny_model_config())  # train mode, dropout 0: both paths see the same network
     fast_model, fast_objective = copy.deepcopy(model), copy.deepcopy(objective)
     apply_fast_path(fast_model, fast_objective, 32)
-    assert fast_objective._compiled_call_impl is not None
+    fast_module = PretrainModule(fast_model, fast_objective)
+    names = list(fast_module.state_dict())
+    compile_step(fast_module)
+    assert fast_module._compiled_call_impl is not None and list(fast_module.state_dict()) == names
     assert all(isinstance(stack.encoder, FusedEncoder) for stack in transformer_stacks(fast_model))
     assert list(fast_model.state_dict()) == list(model.state_dict())
+    steps = ((objective, model, lambda b: objective(model, b)), (fast_objective, fast_model, fast_module))
     for batch in (batch_with_a_short_block(tokenizer, objective), full_batch(tokenizer, objective)):
         results = []
-        for obj, m in ((objective, model), (fast_objective, fast_model)):
-            out = obj(m, batch)
+        for obj, m, step in steps:
+            out = step(batch)
             out["loss"].backward()
             grads = {n: p.grad.clone() for n, p in [*m.named_parameters(), *obj.named_parameters()]
                      if p.grad is not None}
@@ -212,6 +219,23 @@ def test_a_run_resumed_on_the_fast_path_follows_the_eager_run(tmp_path, one_thre
     for step in eager:
         assert resumed[step]["mlm_loss"] == pytest.approx(eager[step]["mlm_loss"], rel=1e-4), step
     assert (tmp_path / "resumed" / "export" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_compiled_ddp_step_accumulates_the_eager_gradients(tmp_path):
+    """Two gloo processes, two micro-batches per window (DDP's no_sync on the first): the compiled DDP wrapper
+    (``compile_step`` after accelerate's prepare) gives the eager run's all-reduced gradients."""
+    from distributed import torchrun
+
+    tests = Path(__file__).parent
+    for mode in ("eager", "fast"):
+        torchrun(2, str(tests / "dist" / "fast_worker.py"), mode, str(tmp_path / f"{mode}.pt"), str(tests),
+                 timeout=900)
+    eager, fast = torch.load(tmp_path / "eager.pt"), torch.load(tmp_path / "fast.pt")
+    assert fast["loss"] == pytest.approx(eager["loss"], rel=1e-5)
+    assert fast["grads"].keys() == eager["grads"].keys() and len(eager["grads"]) > 10
+    for name, grad in eager["grads"].items():
+        torch.testing.assert_close(fast["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("fused", [True, None])
