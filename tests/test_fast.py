@@ -97,7 +97,7 @@ def test_the_collator_marks_padding_and_unpadded_batches_drop_the_mask(tokenizer
     full, short = full_batch(tokenizer, objective), batch_with_a_short_block(tokenizer, objective)
     assert full["padded"] is False and encoder_attention_mask(full) is None
     assert short["padded"] is True and encoder_attention_mask(short) is short["attention_mask"]
-    assert not bool((short["attention_mask"] == 0).sum() == 0)
+    assert (short["attention_mask"] == 0).any() and (full["attention_mask"] == 1).all()
     unmarked = {k: v for k, v in full.items() if k != "padded"}  # a batch built elsewhere keeps its mask
     assert encoder_attention_mask(unmarked) is unmarked["attention_mask"]
 
