@@ -223,14 +223,15 @@ def test_a_run_resumed_on_the_fast_path_follows_the_eager_run(tmp_path, one_thre
 
 @pytest.mark.slow
 def test_compiled_ddp_step_accumulates_the_eager_gradients(tmp_path):
-    """Two gloo processes, two micro-batches per window (DDP's no_sync on the first): the compiled DDP wrapper
-    (``compile_step`` after accelerate's prepare) gives the eager run's all-reduced gradients."""
+    """Two gloo processes, two micro-batches per window (DDP's no_sync on the first), ELECTRA (two encoders, the
+    sampling in the graph): the compiled DDP wrapper (``compile_step`` after accelerate's prepare) gives the eager
+    run's all-reduced gradients."""
     from distributed import torchrun
 
     tests = Path(__file__).parent
     for mode in ("eager", "fast"):
-        torchrun(2, str(tests / "dist" / "fast_worker.py"), mode, str(tmp_path / f"{mode}.pt"), str(tests),
-                 timeout=900)
+        torchrun(2, str(tests / "dist" / "grad_worker.py"), "electra", str(tmp_path / f"{mode}.pt"), str(tests),
+                 mode, "2", timeout=900)
     eager, fast = torch.load(tmp_path / "eager.pt"), torch.load(tmp_path / "fast.pt")
     assert fast["loss"] == pytest.approx(eager["loss"], rel=1e-5)
     assert fast["grads"].keys() == eager["grads"].keys() and len(eager["grads"]) > 10
