@@ -140,6 +140,16 @@ def evaluate(module, collator, val_blocks, cfg: Config, accelerator) -> dict[str
     return tracker.compute(reduce=lambda t: accelerator.reduce(t, "sum"))
 
 
+def window_counts(collator, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
+    """The objective's target counts (``collator.counts``) summed over an accumulation window, as float tensors on
+    the micro-batches' device: the token-exact normalisers of this process's share of the step."""
+    counts: dict[str, torch.Tensor] = {}
+    for batch in micro_batches:
+        for key, value in collator.counts(batch).items():
+            counts[key] = counts.get(key, 0) + value.float()
+    return counts
+
+
 def accumulate_gradients(module, collator, micro_batches: list[dict], accelerator) -> list[dict]:
     """Forward/backward every micro-batch of one optimizer step; returns their output dicts.
 
@@ -150,10 +160,7 @@ def accumulate_gradients(module, collator, micro_batches: list[dict], accelerato
     No host sync: the micro-batches are copied to the device without blocking (page-locked when the DataLoader pins
     them) and counted there; a blocking copy of the counts would wait for the previous step's kernels."""
     micro_batches = [to_device(b, accelerator.device) for b in micro_batches]
-    counts: dict[str, torch.Tensor] = {}
-    for b in micro_batches:
-        for key, value in collator.counts(b).items():
-            counts[key] = counts.get(key, 0) + value.float()
+    counts = window_counts(collator, micro_batches)
     names = sorted(counts)
     totals = torch.stack([counts[k] for k in names])
     world = accelerator.num_processes

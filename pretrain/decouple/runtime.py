@@ -61,7 +61,7 @@ from ..export import roundtrip_check
 from ..metrics import MetricsLogger, MetricTracker, peak_flops, train_flops_per_token
 from ..schedules import lr_for, momentum_for
 from ..trainer import (VALIDATION_INDEX_OFFSET, build_optimizer, check_tokenizer, make_loader, prepare_run_dir,
-                       step_if_finite)
+                       step_if_finite, window_counts)
 from .chunks import ChunkedModel
 from .synthetic import SYNTHETIC_EXPORT_FILE, SYNTHETIC_FILE, SyntheticStageMixin
 
@@ -568,11 +568,8 @@ class Pipeline:
 
 
 def window_normalizers(collator, micro_batches: list[dict], device) -> dict[str, torch.Tensor]:
-    """Target counts summed over the step's micro-batches (the whole global batch: every process holds it)."""
-    counts: dict[str, torch.Tensor] = {}
-    for batch in micro_batches:
-        for key, value in collator.counts(batch).items():
-            counts[key] = counts.get(key, 0) + value.float()
+    """Target counts summed over the step's micro-batches (the pipeline's share of the step), on ``device``."""
+    counts = window_counts(collator, micro_batches)
     return {k: v.to(device, non_blocking=True) for k, v in counts.items()}  # no wait for queued kernels
 
 
