@@ -51,6 +51,7 @@ import resource
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -361,22 +362,26 @@ class StockElectra:
         return gen_out.loss + 50.0 * disc_out.loss, gen_out.loss
 
 
-#: our arm's variants (``--ours``): (fast path applied, FusedEncoder, attention mask kept on unpadded blocks)
+class Variant(typing.NamedTuple):
+    """One of our arm's variants (``--ours``)."""
+
+    fast: bool  #: ``apply_fast_path`` (static shapes) + ``compile_step``
+    fuse: bool  #: FusedEncoder stacks
+    keep_mask: bool  #: feed the encoders the all-ones mask of unpadded blocks
+    what: str  #: the row's description
+
+
 OUR_VARIANTS = {
-    "eager": (False, False, False),  # the trainer's step without model.fast (sparse heads only)
-    "fused": (False, True, False),  # + FusedEncoder, eager (no compile)
-    "compiled+mask": (True, False, True),  # static shapes, HF encoder fed its mask, step compiled
-    "compiled": (True, False, False),  # the same without the all-ones mask (SDPA may use flash)
-    "fast": (True, True, False),  # model.fast: static shapes + FusedEncoder, no mask, step compiled
-}
-
-
-OUR_STEP = {
-    "eager": "the trainer's step (objective's sparse heads, accumulate_gradients, clip, AdamW), model.fast off",
-    "fused": "the trainer's step with FusedEncoder stacks, eager",
-    "compiled+mask": "static-shape heads, HF encoders fed the all-ones attention mask, step compiled",
-    "compiled": "static-shape heads, HF encoders without a mask on unpadded blocks, step compiled",
-    "fast": "model.fast: static-shape heads, FusedEncoder stacks without a mask on unpadded blocks, step compiled",
+    "eager": Variant(False, False, False, "the trainer's step (objective's sparse heads, accumulate_gradients, "
+                                          "clip, AdamW), model.fast off"),
+    "fused": Variant(False, True, False, "the trainer's step with FusedEncoder stacks, eager"),
+    # the DESIGN §6 profile's setting, and the same without the all-ones mask (SDPA may use flash)
+    "compiled+mask": Variant(True, False, True, "static-shape heads, HF encoders fed the all-ones attention mask, "
+                                                "step compiled"),
+    "compiled": Variant(True, False, False, "static-shape heads, HF encoders without a mask on unpadded blocks, "
+                                            "step compiled"),
+    "fast": Variant(True, True, False, "model.fast: static-shape heads, FusedEncoder stacks without a mask on "
+                                       "unpadded blocks, step compiled"),
 }
 
 
@@ -454,13 +459,13 @@ def step_arms(args, objective_name: str, device):
 
     arms = {}
     for variant in args.ours:
-        fast, fuse, keep_mask = OUR_VARIANTS[variant]
+        v = OUR_VARIANTS[variant]
         ours, our_objective = copy.deepcopy(model), copy.deepcopy(objective)  # identical initial weights
-        if fast:
-            apply_fast_path(ours, our_objective, args.seq, fuse=fuse)
-        elif fuse:
+        if v.fast:
+            apply_fast_path(ours, our_objective, args.seq, fuse=v.fuse)
+        elif v.fuse:
             fuse_encoders(ours)
-        module, optimizer, step = trainer_step(cfg, our_objective, ours, device, keep_mask, compile=fast)
+        module, optimizer, step = trainer_step(cfg, our_objective, ours, device, v.keep_mask, compile=v.fast)
         arms[f"ours:{variant}"] = {
             "step": step, "state": lambda m=module, o=optimizer: state_bytes(m.parameters(), o),
             "first_loss": lambda b, module=module: evaluated([module], lambda: module(to_device(b, device))[key])}
@@ -558,7 +563,7 @@ def suite_step(args) -> list[dict]:
         for name in arms:
             arm, _, variant = name.partition(":")
             row = {"suite": "step", "arm": arm, "variant": variant or None,
-                   "what": BASELINES[objective_name] if arm == "baseline" else OUR_STEP[variant],
+                   "what": BASELINES[objective_name] if arm == "baseline" else OUR_VARIANTS[variant].what,
                    "objective": objective_name, "preset": args.preset,
                    "seq": args.seq, "batch": args.batch, "precision": cfg.train.precision,
                    "compile_baseline": bool(args.compile), "tok_per_s": tokens / step_s[name],
