@@ -32,6 +32,17 @@ def batch_with_a_short_block(tokenizer, objective):
     return objective.collate(examples)
 
 
+def loss_and_gradients(run, batch, model, objective):
+    """``run(batch)``'s output dict and the gradients its loss leaves on ``model``'s parameters and, prefixed
+    ``objective.``, on ``objective``'s (cloned; both modules' gradients are cleared afterwards)."""
+    out = run(batch)
+    out["loss"].backward()
+    named = [*model.named_parameters(), *((f"objective.{n}", p) for n, p in objective.named_parameters())]
+    grads = {n: p.grad.clone() for n, p in named if p.grad is not None}
+    model.zero_grad(set_to_none=True), objective.zero_grad(set_to_none=True)
+    return out, grads
+
+
 @pytest.mark.parametrize("name", ["mlm", "span", "electra"])
 def test_static_shapes_give_the_dynamic_losses_metrics_and_gradients(tokenizer, name):
     objective = get_objective(name, tokenizer, seed=0, **OPTIONS[name])
@@ -44,14 +55,9 @@ def test_static_shapes_give_the_dynamic_losses_metrics_and_gradients(tokenizer, 
     static_objective.static_shapes = True
     static_model = copy.deepcopy(model)
 
-    results = []
-    for obj, m in ((objective, model), (static_objective, static_model)):
-        out = obj(m, batch)
-        out["loss"].backward()
-        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-        grads.update({f"objective.{n}": p.grad.clone() for n, p in obj.named_parameters() if p.grad is not None})
-        results.append((out, grads))
-    (dyn, dyn_grads), (stat, stat_grads) = results
+    dyn, dyn_grads = loss_and_gradients(lambda b: objective(model, b), batch, model, objective)
+    stat, stat_grads = loss_and_gradients(lambda b: static_objective(static_model, b), batch, static_model,
+                                          static_objective)
     assert set(dyn) == set(stat)
     for key in dyn:
         torch.testing.assert_close(stat[key].float(), dyn[key].float(), rtol=1e-6, atol=1e-6, msg=key)
@@ -117,10 +123,8 @@ def test_fused_encoder_computes_hf_layers_with_the_same_parameters(tokenizer, na
     assert list(fused.state_dict()) == list(model.state_dict())
     results = []
     for m in (model, fused):
-        torch.manual_seed(1)
-        out = objective(m, batch)
-        out["loss"].backward()
-        results.append((out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+        torch.manual_seed(1)  # the same dropout masks
+        results.append(loss_and_gradients(lambda b: objective(m, b), batch, m, objective))
     (hf, hf_grads), (ours, our_grads) = results
     for key in ("loss", *objective.loss_parts):
         torch.testing.assert_close(ours[key], hf[key], rtol=1e-5, atol=1e-6, msg=key)
@@ -166,17 +170,9 @@ def test_compiled_step_keeps_names_losses_gradients_and_export_logits(tokenizer,
     assert fast_module._compiled_call_impl is not None and list(fast_module.state_dict()) == names
     assert all(isinstance(stack.encoder, FusedEncoder) for stack in transformer_stacks(fast_model))
     assert list(fast_model.state_dict()) == list(model.state_dict())
-    steps = ((objective, model, lambda b: objective(model, b)), (fast_objective, fast_model, fast_module))
     for batch in (batch_with_a_short_block(tokenizer, objective), full_batch(tokenizer, objective)):
-        results = []
-        for obj, m, step in steps:
-            out = step(batch)
-            out["loss"].backward()
-            grads = {n: p.grad.clone() for n, p in [*m.named_parameters(), *obj.named_parameters()]
-                     if p.grad is not None}
-            m.zero_grad(), obj.zero_grad()
-            results.append((out, grads))
-        (eager, eager_grads), (fast, fast_grads) = results
+        eager, eager_grads = loss_and_gradients(lambda b: objective(model, b), batch, model, objective)
+        fast, fast_grads = loss_and_gradients(fast_module, batch, fast_model, fast_objective)
         for key in ("loss", *objective.loss_parts):
             torch.testing.assert_close(fast[key], eager[key], rtol=1e-5, atol=1e-5, msg=key)
         assert fast_grads.keys() == eager_grads.keys() and eager_grads
