@@ -40,6 +40,28 @@ from .base import IGNORE_INDEX, Objective, build_options, encoder_attention_mask
 from .mlm import MLMConfig, select_tokens
 
 
+def replaced_token_sums(logits: torch.Tensor, replaced: torch.Tensor, attention_mask: torch.Tensor):
+    """The discriminator's loss: binary cross-entropy (fp32) summed over the non-pad positions, as masked sums (no
+    data-dependent shapes). logits [B, L], replaced [B, L] bool/uint8 (never set on padding), attention_mask [B, L].
+
+    Returns ``(disc_sum, counts, metrics)``: counts {n_tokens, n_replaced, n_original}; metrics {disc_acc,
+    disc_acc_replaced, disc_acc_original}."""
+    non_pad, replaced = attention_mask.bool(), replaced.bool()
+    bce = F.binary_cross_entropy_with_logits(logits.float(), replaced.float(), reduction="none")
+    disc_sum = torch.where(non_pad, bce, 0.0).sum()
+    # a replaced token is detected by a positive logit, an original one by a non-positive one (this form, not
+    # `(logits > 0) == replaced`, which inductor's CPU code generation fails to compile for a uint8-born mask)
+    detached = logits.detach()
+    correct = torch.where(replaced, detached > 0, detached <= 0) & non_pad
+    n_tokens, n_replaced = non_pad.sum(), replaced.sum()
+    n_original = n_tokens - n_replaced
+    counts = {"n_tokens": n_tokens, "n_replaced": n_replaced, "n_original": n_original}
+    metrics = {"disc_acc": correct.sum() / n_tokens.clamp(min=1),
+               "disc_acc_replaced": (correct & replaced).sum() / n_replaced.clamp(min=1),
+               "disc_acc_original": (correct & ~replaced).sum() / n_original.clamp(min=1)}
+    return disc_sum, counts, metrics
+
+
 @dataclass
 class ElectraConfig:
     generator_size: float = 0.25
@@ -299,25 +321,13 @@ class ElectraObjective(Objective):
         gen_sum, gen_correct, selected = gen["gen_sum"], gen["gen_correct"], gen["selected"]
         disc_ids, replaced = gen["disc_input_ids"], gen["replaced"]
 
-        # discriminator: binary cross-entropy on every non-pad position (masked sums: no data-dependent shapes)
         disc_logits = model.discriminator(input_ids=disc_ids,
                                           attention_mask=encoder_attention_mask(batch)).logits  # [B, L]
-        non_pad = attention_mask.bool()
-        bce = F.binary_cross_entropy_with_logits(disc_logits.float(), replaced.float(), reduction="none")
-        disc_sum = torch.where(non_pad, bce, 0.0).sum()
-        correct = ((disc_logits.detach() > 0) == replaced) & non_pad  # padding is never replaced
-
-        n_masked, n_tokens = selected.sum(), non_pad.sum()
-        n_replaced = replaced.sum()
-        n_original = n_tokens - n_replaced
-        counts = {"n_masked": n_masked, "n_tokens": n_tokens, "n_replaced": n_replaced, "n_original": n_original}
-        metrics = {
-            "gen_acc": gen_correct / n_masked.clamp(min=1),
-            "disc_acc": correct.sum() / n_tokens.clamp(min=1),
-            "disc_acc_replaced": (correct & replaced).sum() / n_replaced.clamp(min=1),
-            "disc_acc_original": (correct & ~replaced).sum() / n_original.clamp(min=1),
-            "replaced_frac": n_replaced / n_masked.clamp(min=1),
-        }
+        disc_sum, disc_counts, disc_metrics = replaced_token_sums(disc_logits, replaced, attention_mask)
+        n_masked = selected.sum()
+        counts = {"n_masked": n_masked, **disc_counts}
+        metrics = {"gen_acc": gen_correct / n_masked.clamp(min=1), **disc_metrics,
+                   "replaced_frac": disc_counts["n_replaced"] / n_masked.clamp(min=1)}
         aux = {"sampled": gen["sampled"], "sampled_valid": gen["sampled_valid"], "disc_input_ids": disc_ids,
                "replaced": replaced, "disc_logits": disc_logits.detach()}
         return {"gen_loss": gen_sum, "disc_loss": disc_sum}, counts, metrics, aux

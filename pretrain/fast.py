@@ -25,7 +25,9 @@ What it changes, and what it keeps:
   only at its end). Encoders called outside the step (evaluation helpers, export checks) run eagerly.
 * SDPA attention, fused AdamW on CUDA and bf16 (``train.precision``) are the trainer's defaults anyway.
 
-The decoupled runtimes (``decouple.mode`` local/synthetic) do not use it.
+The decoupled runtimes (``decouple.mode`` local/synthetic) get the same levers per chunk
+(:func:`apply_fast_path_to_chunks`): static-shape heads, fused layers (auxiliary heads' extra layer and ELECTRA's
+generator included) and each chunk's forward compiled as its own graph.
 """
 
 from __future__ import annotations
@@ -116,3 +118,22 @@ def compile_step(module: nn.Module) -> None:
     """Compile ``module`` (a ``PretrainModule``, or the DDP wrapper accelerate put around it) in place with static
     shapes: ``module(batch, normalizers)`` becomes one graph, its ``state_dict`` keys stay as they are."""
     module.compile(dynamic=False)
+
+
+def apply_fast_path_to_chunks(chunked: nn.Module, block_size: int, compile: bool = True) -> None:
+    """The fast path of a decoupled ``ChunkedModel`` (in place; parameters, checkpoints and exports unchanged):
+    static-shape heads, every chunk's layers and auxiliary heads' extra layer fused, the stock stacks fused (ELECTRA's
+    generator runs inside chunk 0), then (``compile``) each chunk's forward compiled as one graph with static shapes.
+    A chunk's input hidden states stay a graph input, so the synthetic-gradient runtime still reads their gradient."""
+    apply_fast_path(chunked.model, chunked.objective, block_size)
+    for head in chunked.aux:
+        head.fused = True
+    for chunk in chunked.chunks:
+        chunk.fused = True
+    if compile:
+        # the chunks share one forward code object, and each adds its own graphs (train / evaluation, padded or
+        # not): keep dynamo's per-code-object limit (8 by default) from sending later chunks back to eager
+        limit = 8 * len(chunked.chunks)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        for chunk in chunked.chunks:
+            chunk.compile(dynamic=False)

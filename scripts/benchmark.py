@@ -33,9 +33,11 @@ Suites (subcommands):
   1-thread baseline, ``ratio_vs_best_baseline`` over the fastest baseline. Batches are masked before the clock
   starts (the trainer masks in DataLoader workers); warm-up steps are excluded; the pipeline's time is that of
   its last chunk in steady state: from the end of the last warm-up step to the end of the last timed step,
-  without draining the pipeline in between (a long run fills it once). Every configuration runs ``--repeat``
-  times round-robin; the summary rows (``"summary": true``, printed last) take each configuration's best run,
-  the least disturbed by other processes (each run records the load average at its start).
+  without draining the pipeline in between (a long run fills it once). ``--fast`` (default: on CUDA only) puts
+  every arm on the fast path (``model.fast``: the trainer's compiled step; each chunk compiled); masking uses a
+  static count per block. Every configuration runs ``--repeat`` times round-robin; the summary rows
+  (``"summary": true``, printed last) take each configuration's best run, the least disturbed by other processes
+  (each run records the load average at its start).
 
 Other suites are added as further subcommands; ``_worker`` is internal (one measured configuration).
 """
@@ -88,7 +90,9 @@ def bench_config(args, chunks: int, mode: str = "local"):
         "data": {"files": ["random-tokens"], "block_size": args.seq, "num_workers": 0},
         "model": {"hidden_size": args.hidden, "num_layers": args.layers, "num_heads": args.heads,
                   "intermediate_size": 4 * args.hidden, "max_position_embeddings": args.seq,
-                  "hidden_dropout": 0.1, "attention_dropout": 0.1},
+                  "hidden_dropout": 0.1, "attention_dropout": 0.1, "fast": args.fast},
+        # a static masked count per block (BERT's reference pipeline): the fast path's static shapes
+        "objective": {"name": "mlm", "mlm": {"static_count": True}},
         "train": {"micro_batch_size": args.batch, "grad_accum": args.accum, "max_steps": 10 ** 6, "lr": 1e-3,
                   "warmup_steps": 0, "schedule": "constant", "device": args.device},
         "decouple": decouple,
@@ -113,7 +117,9 @@ def random_batches(args, collator, n: int) -> list[dict]:
 
 def run_worker(args) -> None:
     """One configuration: ``backprop`` (the trainer's step) or ``local`` (the decoupled pipeline, simulated when
-    alone, distributed under torchrun). Prints one JSON line (rank 0 only)."""
+    alone, distributed under torchrun), both on the fast path where ``model.fast`` resolves to on (the trainer's
+    ``apply_fast_path`` + ``compile_step``; the runtime's ``apply_fast_path_to_chunks``). Prints one JSON line
+    (rank 0 only)."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -121,6 +127,7 @@ def run_worker(args) -> None:
 
     from pretrain.decouple.runtime import (Pipeline, build_chunked_model, init_distributed, pick_device,
                                            resolve_layout, window_normalizers)
+    from pretrain.fast import apply_fast_path, apply_fast_path_to_chunks, compile_step, fast_enabled
 
     cfg = bench_config(args, args.chunks, "synthetic" if args.kind == "synthetic" else "local")
     tok = RandomTokenizer(args.vocab)
@@ -133,12 +140,18 @@ def run_worker(args) -> None:
         from pretrain.trainer import PretrainModule, accumulate_gradients, build_optimizer
 
         accelerator = Accelerator(cpu=args.device == "cpu")
-        objective = get_objective("mlm", tok, seed=0)
-        module = PretrainModule(objective.build_model(cfg.model), objective)
-        optimizer = build_optimizer(module, cfg.train, accelerator.device.type)
-        module, optimizer = accelerator.prepare(module, optimizer)
-        batches = random_batches(args, objective, total * args.accum)
         device = accelerator.device
+        fast = fast_enabled(cfg.model, device)
+        objective = get_objective("mlm", tok, seed=0, **cfg.objective.options())
+        model = objective.build_model(cfg.model)
+        if fast:
+            apply_fast_path(model, objective, args.seq)
+        module = PretrainModule(model, objective)
+        optimizer = build_optimizer(module, cfg.train, device.type)
+        module, optimizer = accelerator.prepare(module, optimizer)
+        if fast:
+            compile_step(module)
+        batches = random_batches(args, objective, total * args.accum)
         world, rank = 1, 0
 
         def step(s):
@@ -155,6 +168,9 @@ def run_worker(args) -> None:
         init_distributed(layout, device)
         model, collator = build_chunked_model(cfg, tok)
         model.to(device)
+        fast = fast_enabled(cfg.model, device)
+        if fast:
+            apply_fast_path_to_chunks(model, args.seq)
         pipeline = Pipeline(model, cfg, layout, device)
         batches = random_batches(args, collator, total * args.accum)
         world, rank = layout.world_size, layout.rank
@@ -201,7 +217,7 @@ def run_worker(args) -> None:
     if rank == 0:
         tokens = args.steps * args.accum * args.batch * args.seq
         print("RESULT " + json.dumps({"tok_per_s": tokens / elapsed, "step_ms": 1000 * elapsed / args.steps,
-                                      "peak_mem_mb": peak_mb}), flush=True)
+                                      "peak_mem_mb": peak_mb, "fast": fast}), flush=True)
 
 
 def launch(args, kind: str, chunks: int, processes: int, threads: int) -> dict:
@@ -211,6 +227,8 @@ def launch(args, kind: str, chunks: int, processes: int, threads: int) -> dict:
     for name in ("hidden", "layers", "heads", "vocab", "seq", "batch", "accum", "steps", "warmup", "device",
                  "staleness"):
         worker += [f"--{name}", str(getattr(args, name))]
+    if args.fast is not None:
+        worker.append("--fast" if args.fast else "--no-fast")
     if processes > 1:
         sys.path.insert(0, str(ROOT / "tests"))
         from distributed import free_port
@@ -278,7 +296,7 @@ def suite_decouple(args) -> list[dict]:
         row = {"suite": "decouple", "summary": True, "config": name, "kind": kind, "chunks": chunks,
                "processes": processes, "threads_per_process": threads, "tok_per_s": top["tok_per_s"],
                "step_ms": top["step_ms"], "median_tok_per_s": statistics.median(r["tok_per_s"] for r in rs),
-               "runs": len(rs), "peak_mem_mb": top["peak_mem_mb"], "mfu": None,
+               "runs": len(rs), "peak_mem_mb": top["peak_mem_mb"], "mfu": None, "fast": top["fast"],
                "ratio": top["tok_per_s"] / base1, "ratio_vs_best_baseline": top["tok_per_s"] / best_base,
                "baseline": "backprop-1proc-1thread (trainer step: accumulate_gradients + clip + AdamW)",
                **shape, **env}
@@ -679,6 +697,8 @@ def main(argv=None) -> int:
         p.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps before the clock starts")
         p.add_argument("--device", choices=["cpu", "auto"], default="cpu")
         p.add_argument("--staleness", type=int, default=1, help="S of the synthetic-gradient pipelines")
+        p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                       help="model.fast for every arm (default: on CUDA only)")
 
     p = sub.add_parser("decouple", help="local-update pipelines (K processes) vs the single-process backprop step")
     shape_args(p)

@@ -4,6 +4,7 @@ names, losses, gradients (under DDP too), resumption and export logits."""
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import pytest
@@ -233,6 +234,100 @@ def test_compiled_ddp_step_accumulates_the_eager_gradients(tmp_path):
     assert fast["grads"].keys() == eager["grads"].keys() and len(eager["grads"]) > 10
     for name, grad in eager["grads"].items():
         torch.testing.assert_close(fast["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def decoupled_tree(output_dir, objective: str, mode: str, fast=None, dropout=0.0) -> dict:
+    """Two chunks of a tiny 4-layer model (an extra layer in each auxiliary head in local mode), static counts."""
+    sys.path.insert(0, str(Path(__file__).parent / "dist"))
+    import decouple_worker
+
+    tree = decouple_worker.base_config(str(output_dir))
+    tree["model"].update(fast=fast, hidden_dropout=dropout, attention_dropout=dropout)
+    tree["objective"] = {"name": objective, **({"mlm": {"static_count": True}} if objective == "mlm" else {})}
+    tree["decouple"] = {"mode": mode, "chunks": 2, **({"aux_head": "layer"} if mode == "local" else {})}
+    return tree
+
+
+@pytest.mark.parametrize("objective, mode", [("mlm", "local"), ("span", "local"), ("electra", "local"),
+                                             ("span", "synthetic")])
+def test_fast_chunks_give_the_eager_chunks_losses_and_gradients(tokenizer, objective, mode):
+    """The decoupled fast path before compilation (static-shape heads, fused layers in the chunks, the auxiliary
+    heads' extra layer and ELECTRA's generator), dropout on with the same seed: each chunk's loss and every
+    parameter's gradient equal the eager chunks', and so does the gradient a synthetic-mode chunk leaves on its
+    input; names are unchanged."""
+    from pretrain.config import config_from_dict
+    from pretrain.decouple.runtime import build_chunked_model, window_normalizers
+    from pretrain.fast import apply_fast_path_to_chunks
+
+    torch.manual_seed(0)
+    cfg = config_from_dict(decoupled_tree("unused", objective, mode, dropout=0.1))
+    model, collator = build_chunked_model(cfg, tokenizer, torch.ones(len(tokenizer)))
+    fast = copy.deepcopy(model)
+    apply_fast_path_to_chunks(fast, 32, compile=False)
+    assert list(fast.state_dict()) == list(model.state_dict())
+    assert all(chunk.fused for chunk in fast.chunks) and fast.objective.static_shapes
+    synthetic = mode == "synthetic"
+
+    def run(chunked, batch):
+        """Losses of the chunks; gradients of the parameters and of chunk 1's input (synthetic mode: chunk 0
+        backpropagates a fixed output gradient)."""
+        torch.manual_seed(1)
+        normalizers = window_normalizers(collator, [batch], "cpu")
+        outputs, losses = chunked.chunks[0](batch, None, normalizers, boundary_grads=synthetic)
+        if synthetic:
+            # of the size of a token-normalised loss's gradient (~1 / the masked count), like a synthetic one
+            probe = 1e-2 * torch.randn(outputs["hidden"].shape, generator=torch.Generator().manual_seed(2))
+            outputs["hidden"].backward(probe)
+            outputs = {**outputs, "hidden": outputs["hidden"].detach().requires_grad_()}
+        else:
+            losses["loss"].backward()
+        _, top = chunked.chunks[1](batch, outputs, normalizers, boundary_grads=synthetic)
+        top["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in chunked.named_parameters() if p.grad is not None}
+        if synthetic:
+            grads["chunk1_input"] = outputs["hidden"].grad
+        chunked.zero_grad(set_to_none=True)
+        return [losses.get("loss"), top["loss"]], grads
+
+    for batch in (batch_with_a_short_block(tokenizer, collator), full_batch(tokenizer, collator)):
+        (eager_losses, eager_grads), (fast_losses, fast_grads) = run(model, batch), run(fast, batch)
+        for ours, theirs in zip(fast_losses, eager_losses):
+            if theirs is not None:
+                torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        assert fast_grads.keys() == eager_grads.keys() and any(".attention.self.query." in n for n in eager_grads)
+        for key in eager_grads:
+            torch.testing.assert_close(fast_grads[key], eager_grads[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective, mode", [("electra", "local"), ("span", "synthetic")])
+def test_a_decoupled_run_on_the_fast_path_follows_the_eager_run(tmp_path, objective, mode):
+    """``fit`` with decouple.mode local/synthetic and model.fast on CPU (each chunk compiled; train, evaluation,
+    checkpoints, the stitched export) against the same run eager, dropout 0: the same per-step losses to float
+    rounding and the same final weights."""
+    from safetensors.torch import load_file
+
+    from pretrain.config import config_from_dict
+    from test_decouple import fit_in_process
+
+    from torch._dynamo.utils import counters
+
+    for fast in (False, True):
+        counters.clear()
+        fit_in_process(config_from_dict(decoupled_tree(tmp_path / str(fast), objective, mode, fast=fast)))
+    # both chunks compiled, for training and for evaluation, each without a graph break
+    assert counters["stats"]["unique_graphs"] >= 4 and not counters["graph_break"]
+    eager, fast = train_records(tmp_path / "False"), train_records(tmp_path / "True")
+    assert sorted(fast) == sorted(eager) == list(range(1, 7))
+    for step in eager:
+        assert fast[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-4), step
+    for k in range(2):
+        final = [load_file(str(tmp_path / run / "checkpoints" / "step-6" / f"chunk{k}" / "model.safetensors"))
+                 for run in ("False", "True")]
+        assert final[0].keys() == final[1].keys()
+        for name in final[0]:
+            torch.testing.assert_close(final[1][name], final[0][name], rtol=1e-3, atol=1e-5, msg=name)
+    assert (tmp_path / "True" / "export").is_dir()
 
 
 @pytest.mark.parametrize("fused", [True, None])

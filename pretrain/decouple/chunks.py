@@ -29,6 +29,9 @@ from torch import nn
 import torch.nn.functional as F
 
 from objectives.base import IGNORE_INDEX, Objective, encoder_attention_mask
+from objectives.electra import replaced_token_sums
+
+from ..fast import FusedEncoder
 
 #: checkpoint/export keys of the auxiliary heads start with this prefix (followed by the chunk index)
 AUX_PREFIX = "aux."
@@ -83,18 +86,27 @@ def reduce_parts(parts: dict[str, tuple[torch.Tensor, str, float]], counts: dict
     return out
 
 
+def run_layer(layer: nn.Module, hidden: torch.Tensor, mask, fused: bool) -> torch.Tensor:
+    """One HF ``BertLayer``/``ElectraLayer`` on hidden [B, L, H]; ``fused`` (the fast path): through
+    :meth:`pretrain.fast.FusedEncoder.layer_forward` (one query/key/value GEMM, the same parameters)."""
+    return FusedEncoder.layer_forward(layer, hidden, mask) if fused else layer(hidden, mask)
+
+
 # --------------------------------------------------------------------------- heads
 # A head maps (hidden [B, L, H], attention mask, batch, carry) to (parts, counts, metrics) as in ``reduce_parts``.
+# Heads gather predicted positions with the objective's ``gather_index`` (static shapes on the fast path).
 
 
 class LocalMLMHead(nn.Module):
     """Auxiliary MLM head of a non-final chunk: ``[BertLayer] → dense → GeLU → LayerNorm → own decoder`` on the
-    masked positions only (sparse, [M, V] logits)."""
+    masked positions only (sparse, [M, V] logits, gathered by ``objective.gather_index``)."""
 
     metric_counts = {"mlm_loss": "n_masked", "mlm_acc": "n_masked"}
+    fused = False  #: run the extra layer through FusedEncoder (the fast path)
 
-    def __init__(self, config, extra_layer: bool):
+    def __init__(self, config, extra_layer: bool, objective: Objective):
         super().__init__()
+        self.gather_index = objective.gather_index  # a bound method: plain attribute, not a submodule
         from transformers.models.bert.modeling_bert import BertLayer, BertPredictionHeadTransform
 
         self.layer = BertLayer(config) if extra_layer else None
@@ -104,10 +116,11 @@ class LocalMLMHead(nn.Module):
 
     def forward(self, hidden, mask, batch, carry):
         if self.layer is not None:
-            hidden = self.layer(hidden, mask)
+            hidden = run_layer(self.layer, hidden, mask, self.fused)
         selected = batch["labels"] != IGNORE_INDEX
-        loss_sum, correct = Objective.masked_lm_sums(self.decoder(self.transform(hidden[selected])),
-                                                     batch["labels"][selected])
+        index, valid = self.gather_index(selected)
+        logits = self.decoder(self.transform(hidden.flatten(0, 1)[index]))
+        loss_sum, correct = Objective.masked_lm_sums(logits, Objective.gather_targets(batch["labels"], index, valid))
         n = selected.sum()
         return {"mlm_loss": (loss_sum, "n_masked", 1.0)}, {"n_masked": n}, {"mlm_acc": correct / n.clamp(min=1)}
 
@@ -122,11 +135,14 @@ class FinalMLMHead(nn.Module):
         self.sbo_head = getattr(objective, "sbo_head", None)
         self.loss_parts = dict(objective.loss_parts)
         self.metric_counts = dict(objective.metric_counts)
+        self.gather_index = objective.gather_index
         self._sbo_inputs = getattr(objective, "sbo_inputs", None)
 
     def forward(self, hidden, mask, batch, carry):
         selected = batch["labels"] != IGNORE_INDEX
-        mlm_sum, mlm_correct = Objective.masked_lm_sums(self.cls(hidden[selected]), batch["labels"][selected])
+        index, valid = self.gather_index(selected)
+        mlm_sum, mlm_correct = Objective.masked_lm_sums(self.cls(hidden.flatten(0, 1)[index]),
+                                                        Objective.gather_targets(batch["labels"], index, valid))
         counts = {"n_masked": selected.sum()}
         parts = {"mlm_loss": (mlm_sum, "n_masked", self.loss_parts["mlm_loss"][1])}
         metrics = {"mlm_acc": mlm_correct / counts["n_masked"].clamp(min=1)}
@@ -140,21 +156,14 @@ class FinalMLMHead(nn.Module):
         return parts, counts, metrics
 
 
-def _replaced_token_sums(logits: torch.Tensor, replaced: torch.Tensor, attention_mask: torch.Tensor, weight: float):
-    """ELECTRA's discriminator loss: BCE summed over non-pad positions; logits/replaced/attention_mask [B, L]."""
-    valid = attention_mask.bool()
-    valid_logits, valid_labels = logits[valid].float(), replaced.bool()[valid]
-    total = F.binary_cross_entropy_with_logits(valid_logits, valid_labels.float(), reduction="sum")
-    correct = (valid_logits.detach() > 0) == valid_labels
-    n_tokens, n_replaced = valid.sum(), valid_labels.sum()
-    counts = {"n_tokens": n_tokens}
-    metrics = {"disc_acc": correct.sum() / n_tokens.clamp(min=1)}
-    extra_counts = {"n_replaced": n_replaced, "n_original": n_tokens - n_replaced}
-    extra_metrics = {
-        "disc_acc_replaced": (correct & valid_labels).sum() / n_replaced.clamp(min=1),
-        "disc_acc_original": (correct & ~valid_labels).sum() / extra_counts["n_original"].clamp(min=1),
-    }
-    return {"disc_loss": (total, "n_tokens", weight)}, counts, metrics, extra_counts, extra_metrics
+def _replaced_token_parts(logits: torch.Tensor, replaced: torch.Tensor, attention_mask: torch.Tensor,
+                          weight: float, all_metrics: bool):
+    """ELECTRA's discriminator loss (:func:`objectives.electra.replaced_token_sums`) as a head's (parts, counts,
+    metrics); ``all_metrics`` False keeps only n_tokens and disc_acc (the auxiliary heads)."""
+    total, counts, metrics = replaced_token_sums(logits, replaced, attention_mask)
+    if not all_metrics:
+        counts, metrics = {"n_tokens": counts["n_tokens"]}, {"disc_acc": metrics["disc_acc"]}
+    return {"disc_loss": (total, "n_tokens", weight)}, counts, metrics
 
 
 class LocalRTDHead(nn.Module):
@@ -162,6 +171,7 @@ class LocalRTDHead(nn.Module):
     ``[ElectraLayer] → dense → GeLU → dense → 1 logit per token``, weighted by ``disc_weight``."""
 
     metric_counts = {"disc_loss": "n_tokens", "disc_acc": "n_tokens"}
+    fused = False  #: run the extra layer through FusedEncoder (the fast path)
 
     def __init__(self, config, extra_layer: bool, disc_weight: float):
         super().__init__()
@@ -175,11 +185,9 @@ class LocalRTDHead(nn.Module):
 
     def forward(self, hidden, mask, batch, carry):
         if self.layer is not None:
-            hidden = self.layer(hidden, mask)
+            hidden = run_layer(self.layer, hidden, mask, self.fused)
         logits = self.dense_prediction(F.gelu(self.dense(hidden))).squeeze(-1)
-        parts, counts, metrics, _, _ = _replaced_token_sums(logits, carry["replaced"], batch["attention_mask"],
-                                                            self.disc_weight)
-        return parts, counts, metrics
+        return _replaced_token_parts(logits, carry["replaced"], batch["attention_mask"], self.disc_weight, False)
 
 
 class FinalRTDHead(nn.Module):
@@ -194,9 +202,8 @@ class FinalRTDHead(nn.Module):
         self.disc_weight = disc_weight
 
     def forward(self, hidden, mask, batch, carry):
-        parts, counts, metrics, extra_counts, extra_metrics = _replaced_token_sums(
-            self.predictions(hidden), carry["replaced"], batch["attention_mask"], self.disc_weight)
-        return parts, {**counts, **extra_counts}, {**metrics, **extra_metrics}
+        return _replaced_token_parts(self.predictions(hidden), carry["replaced"], batch["attention_mask"],
+                                     self.disc_weight, True)
 
 
 # --------------------------------------------------------------------------- stems (chunk 0's input computation)
@@ -255,7 +262,10 @@ class Chunk(nn.Module):
     chunk (hidden states in fp32) and the loss dict (``loss`` for backward, detached metrics under the names of
     ``metric_counts``). ``with_head=False`` skips the head (frozen chunks of the control run): ``out`` is empty.
     ``boundary_grads=True`` (synthetic gradients) keeps both ends differentiable: ``inputs["hidden"]`` is used as
-    given (the caller passes a leaf and reads its ``.grad``) and the returned hidden states keep their graph."""
+    given (the caller passes a leaf and reads its ``.grad``) and the returned hidden states keep their graph.
+    ``fused`` (the fast path, :func:`pretrain.fast.apply_fast_path_to_chunks`): layers run through FusedEncoder."""
+
+    fused = False
 
     def __init__(self, index: int, num_chunks: int, config, stem: nn.Module | None, layers: list[nn.Module],
                  head: nn.Module, layer_range: tuple[int, int]):
@@ -278,7 +288,8 @@ class Chunk(nn.Module):
         """The layers' attention mask, recomputed from the batch's [B, L] mask exactly as ``BertModel`` does."""
         from transformers.masking_utils import create_bidirectional_mask
 
-        return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        # positional: the embeddings argument was renamed (input_embeds -> inputs_embeds) within transformers 5
+        return create_bidirectional_mask(self.config, hidden, attention_mask)
 
     def forward(self, batch: Mapping[str, torch.Tensor], inputs: dict[str, torch.Tensor] | None, normalizers=None,
                 with_head: bool = True, boundary_grads: bool = False):
@@ -293,7 +304,7 @@ class Chunk(nn.Module):
             parts, counts, metrics = {}, {}, {}
         mask = self.attention_mask(hidden, encoder_attention_mask(batch))  # None on unpadded blocks: no sync
         for layer in self.layers:
-            hidden = layer(hidden, mask)
+            hidden = run_layer(layer, hidden, mask, self.fused)
         if not with_head:  # the frozen-random control: features only
             return {"hidden": hidden.detach().float(), **carry}, {}
         head_parts, head_counts, head_metrics = self.head(hidden, mask, batch, carry)
@@ -356,7 +367,7 @@ class ChunkedModel(nn.Module):
             stem = BertStem(model.bert.embeddings)
             final = FinalMLMHead(model.cls, objective)
         else:
-            self.aux = nn.ModuleList([LocalMLMHead(config, extra) for _ in range(k_total - 1)])
+            self.aux = nn.ModuleList([LocalMLMHead(config, extra, objective) for _ in range(k_total - 1)])
             stem = BertStem(model.bert.embeddings)
             final = FinalMLMHead(model.cls, objective)
         if not synthetic:

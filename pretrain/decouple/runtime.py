@@ -34,6 +34,9 @@ The simulated runtime is the same loop with every chunk local (no sends; in synt
 other their true gradients top chunk first, in the order the distributed processes receive them). Each chunk has
 its own dropout RNG stream, swapped into the global generator around the chunk's work, so both runtimes draw the
 same dropout masks.
+
+**Fast path** (``model.fast``, on by default on CUDA): every chunk runs static-shape heads and fused layers, and its
+forward is compiled (``pretrain.fast.apply_fast_path_to_chunks``); parameters, checkpoints and exports are unchanged.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from ..checkpoint import COMPLETE, CheckpointError, commit_checkpoint, latest_ch
 from ..config import Config, config_to_dict, save_config
 from ..data.stream import StreamDataset, to_device
 from ..export import roundtrip_check
+from ..fast import apply_fast_path_to_chunks, fast_enabled
 from ..metrics import MetricsLogger, MetricTracker, peak_flops, train_flops_per_token
 from ..schedules import lr_for, momentum_for
 from ..trainer import (VALIDATION_INDEX_OFFSET, build_optimizer, check_tokenizer, make_loader, prepare_run_dir,
@@ -674,6 +678,8 @@ def fit_decoupled(cfg: Config, overwrite: bool = False, data=None) -> dict:
     check_tokenizer(cfg, tokenizer)
     model, collator = build_chunked_model(cfg, tokenizer, getattr(data, "unigram_counts", None))
     model.to(device)
+    if fast_enabled(cfg.model, device):  # static shapes, fused layers, each chunk compiled (pretrain/fast.py)
+        apply_fast_path_to_chunks(model, cfg.data.block_size)
     pipeline = Pipeline(model, cfg, layout, device)
     if layout.is_main:
         tokenizer.save_pretrained(str(out / "tokenizer"))
