@@ -303,31 +303,40 @@ def test_fast_chunks_give_the_eager_chunks_losses_and_gradients(tokenizer, objec
 @pytest.mark.parametrize("objective, mode", [("electra", "local"), ("span", "synthetic")])
 def test_a_decoupled_run_on_the_fast_path_follows_the_eager_run(tmp_path, objective, mode):
     """``fit`` with decouple.mode local/synthetic and model.fast on CPU (each chunk compiled; train, evaluation,
-    checkpoints, the stitched export) against the same run eager, dropout 0: the same per-step losses to float
-    rounding and the same final weights."""
+    checkpoints, the stitched export), in one process and as two gloo processes, against the same run eager in one
+    process, dropout 0: the same per-step losses and final weights to float rounding."""
     from safetensors.torch import load_file
+    from torch._dynamo.utils import counters
 
+    from distributed import torchrun
     from pretrain.config import config_from_dict
     from test_decouple import fit_in_process
-
-    from torch._dynamo.utils import counters
 
     for fast in (False, True):
         counters.clear()
         fit_in_process(config_from_dict(decoupled_tree(tmp_path / str(fast), objective, mode, fast=fast)))
     # both chunks compiled, for training and for evaluation, each without a graph break
     assert counters["stats"]["unique_graphs"] >= 4 and not counters["graph_break"]
-    eager, fast = train_records(tmp_path / "False"), train_records(tmp_path / "True")
-    assert sorted(fast) == sorted(eager) == list(range(1, 7))
-    for step in eager:
-        assert fast[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-4), step
-    for k in range(2):
-        final = [load_file(str(tmp_path / run / "checkpoints" / "step-6" / f"chunk{k}" / "model.safetensors"))
-                 for run in ("False", "True")]
-        assert final[0].keys() == final[1].keys()
-        for name in final[0]:
-            torch.testing.assert_close(final[1][name], final[0][name], rtol=1e-3, atol=1e-5, msg=name)
-    assert (tmp_path / "True" / "export").is_dir()
+    tests = Path(__file__).parent
+    overrides = [f"objective.name={objective}", f"decouple.mode={mode}", "model.fast=true"]
+    if mode == "local":
+        overrides.append("decouple.aux_head=layer")
+    torchrun(2, str(tests / "dist" / "decouple_worker.py"), str(tests), str(tmp_path / "dist"), *overrides,
+             timeout=900, env={"SKIP_ROUNDTRIP": "1"})
+    eager = train_records(tmp_path / "False")
+    assert sorted(eager) == list(range(1, 7))
+    for run in ("True", "dist"):
+        records = train_records(tmp_path / run)
+        assert sorted(records) == sorted(eager), run
+        for step in eager:
+            assert records[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-4), (run, step)
+        for k in range(2):
+            final = [load_file(str(tmp_path / name / "checkpoints" / "step-6" / f"chunk{k}" / "model.safetensors"))
+                     for name in ("False", run)]
+            assert final[0].keys() == final[1].keys()
+            for name in final[0]:
+                torch.testing.assert_close(final[1][name], final[0][name], rtol=1e-3, atol=1e-5, msg=(run, name))
+        assert (tmp_path / run / "export").is_dir()
 
 
 @pytest.mark.parametrize("fused", [True, None])
