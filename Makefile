@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-slow bench clean-demo
+.PHONY: venv demo test test-slow bench bench-gpu clean-demo
 
 venv: $(STAMP)
 
@@ -33,6 +33,23 @@ test-slow: venv
 bench: venv
 	$(PY) scripts/benchmark.py decouple --synthetic
 	$(PY) scripts/benchmark.py step --preset compare-cpu --objective mlm span electra --device cpu
+
+# on a CUDA machine (`make bench-gpu TORCH=torch`): the GPU checks, then DESIGN §6's step and e2e suites (the
+# stock transformers step vs ours in one process; every arm compiles its step first); raw JSON in
+# benchmarks/gpu-*.json, to be written up in benchmarks/RESULTS.md
+BENCH_DAY := $(shell date +%F)
+bench-gpu: venv
+	$(PY) -m pytest -q tests/test_cuda.py
+	$(PY) scripts/benchmark.py step --preset bert-base --seq 128 --batch 256 --compile \
+		--ours eager compiled+mask compiled fast --out benchmarks/gpu-step-bert-base-s128-$(BENCH_DAY).json
+	$(PY) scripts/benchmark.py step --preset bert-base --seq 128 --batch 256 --compile --objective span electra \
+		--out benchmarks/gpu-step-span-electra-s128-$(BENCH_DAY).json
+	$(PY) scripts/benchmark.py step --preset bert-base --seq 512 --batch 64 --compile \
+		--out benchmarks/gpu-step-bert-base-s512-$(BENCH_DAY).json
+	$(PY) scripts/benchmark.py step --preset electra-small --seq 128 --batch 128 --objective electra --compile \
+		--out benchmarks/gpu-step-electra-small-$(BENCH_DAY).json
+	$(PY) scripts/benchmark.py e2e --preset bert-base --seq 128 --batch 256 --steps 50 --workers 8 \
+		--objective mlm span electra --out benchmarks/gpu-e2e-$(BENCH_DAY).json
 
 clean-demo:
 	rm -rf runs/tiny
