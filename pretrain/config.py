@@ -103,7 +103,7 @@ class ModelConfig:
     fast: bool | None = None
     """Fast path (pretrain/fast.py): static-shape prediction heads, fused QKV encoders without a mask on unpadded
     blocks, the step's forward torch.compile'd as one graph; same parameters and exports. null = on when
-    training on CUDA."""
+    training on CUDA (torch >= 2.7); decoupled runs apply it per chunk."""
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:

@@ -42,9 +42,31 @@ from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttenti
 log = logging.getLogger(__name__)
 
 
+#: the oldest torch the fast path runs on: ``torch.nonzero_static`` on CUDA came with 2.6, dynamo's
+#: ``recompile_limit`` (the name used here) with 2.7
+MIN_TORCH = (2, 7)
+
+
+def check_torch_version() -> None:
+    """Refuse the fast path on a torch older than :data:`MIN_TORCH`, naming both ways out."""
+    if not torch.__version__ >= MIN_TORCH:
+        raise RuntimeError(f"model.fast needs torch >= {'.'.join(map(str, MIN_TORCH))} (torch.nonzero_static on "
+                           f"CUDA, dynamo's recompile_limit), found {torch.__version__}: upgrade torch, or set "
+                           "model.fast: false")
+
+
 def fast_enabled(model_cfg, device: torch.device) -> bool:
-    """``model.fast``, with null meaning "on when the model trains on a CUDA device"."""
-    return device.type == "cuda" if model_cfg.fast is None else bool(model_cfg.fast)
+    """``model.fast``, with null meaning "on when the model trains on a CUDA device" (and torch is recent enough:
+    else off, with a warning); an explicit true on an older torch is an error."""
+    if model_cfg.fast is None:
+        if device.type == "cuda" and not torch.__version__ >= MIN_TORCH:
+            log.warning("model.fast is off: it needs torch >= %s, found %s", ".".join(map(str, MIN_TORCH)),
+                        torch.__version__)
+            return False
+        return device.type == "cuda"
+    if model_cfg.fast:
+        check_torch_version()
+    return bool(model_cfg.fast)
 
 
 def transformer_stacks(model: nn.Module) -> list[nn.Module]:
@@ -106,6 +128,7 @@ def fuse_encoders(model: nn.Module) -> None:
 def apply_fast_path(model: nn.Module, objective: nn.Module, block_size: int, fuse: bool = True) -> None:
     """Switch ``objective`` to static shapes and fuse ``model``'s transformer stacks (``fuse``), in place (no new
     parameters, no renamed ones). Then wrap both (``PretrainModule``, accelerate) and :func:`compile_step`."""
+    check_torch_version()
     objective.static_shapes = True
     if objective.max_selected(block_size) is None:
         log.warning("model.fast: the masked count varies per batch (objective.mlm.static_count is false), so the "

@@ -149,6 +149,23 @@ def test_fast_defaults_to_cuda_only():
     assert not fast_enabled(ModelConfig(fast=False), torch.device("cuda"))
 
 
+def test_fast_path_needs_a_recent_torch(monkeypatch, tokenizer):
+    """torch < 2.7 (no CUDA nonzero_static before 2.6): the CUDA default turns the fast path off; asking for it
+    explicitly, or applying it, is an error naming the fix."""
+    from torch.torch_version import TorchVersion
+
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.5.1+cu124"))
+    assert not fast_enabled(ModelConfig(), torch.device("cuda"))
+    with pytest.raises(RuntimeError, match=r"needs torch >= 2\.7.*found 2\.5\.1.*model\.fast: false"):
+        fast_enabled(ModelConfig(fast=True), torch.device("cuda"))
+    objective = get_objective("mlm", tokenizer, seed=0, **OPTIONS["mlm"])
+    with pytest.raises(RuntimeError, match="upgrade torch"):
+        apply_fast_path(objective.build_model(tiny_model_config()), objective, 32)
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.7.0"))
+    assert fast_enabled(ModelConfig(), torch.device("cuda"))
+    assert fast_enabled(ModelConfig(fast=True), torch.device("cpu"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlm", "span", "electra"])
 def test_compiled_step_keeps_names_losses_gradients_and_export_logits(tokenizer, name, tmp_path, one_thread):
