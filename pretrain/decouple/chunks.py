@@ -106,9 +106,9 @@ class LocalMLMHead(nn.Module):
 
     def __init__(self, config, extra_layer: bool, objective: Objective):
         super().__init__()
-        self.gather_index = objective.gather_index  # a bound method: plain attribute, not a submodule
         from transformers.models.bert.modeling_bert import BertLayer, BertPredictionHeadTransform
 
+        self.gather_index = objective.gather_index  # a bound method: plain attribute, not a submodule
         self.layer = BertLayer(config) if extra_layer else None
         self.transform = BertPredictionHeadTransform(config)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
