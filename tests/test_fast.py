@@ -1,5 +1,6 @@
 """The fast path: static-shape gathers and fused encoders give HF's losses and gradients; the compiled step keeps
-names, losses, gradients (under DDP too), resumption and export logits."""
+names, losses, gradients (under DDP too), resumption and export logits; decoupled chunks on the fast path give the
+eager chunks' losses and gradients and train like them when compiled; the torch-version rules."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from objectives import get_objective
 from pretrain.config import ModelConfig
 from objectives.base import encoder_attention_mask
 from pretrain.fast import FusedEncoder, apply_fast_path, compile_step, fast_enabled, fuse_encoders, transformer_stacks
+
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+import decouple_worker  # noqa: E402
 
 OPTIONS = {"mlm": {"static_count": True}, "span": {"sbo_position_dim": 8}, "electra": {}}
 
@@ -255,9 +259,6 @@ def test_compiled_ddp_step_accumulates_the_eager_gradients(tmp_path):
 
 def decoupled_tree(output_dir, objective: str, mode: str, fast=None, dropout=0.0) -> dict:
     """Two chunks of a tiny 4-layer model (an extra layer in each auxiliary head in local mode), static counts."""
-    sys.path.insert(0, str(Path(__file__).parent / "dist"))
-    import decouple_worker
-
     tree = decouple_worker.base_config(str(output_dir))
     tree["model"].update(fast=fast, hidden_dropout=dropout, attention_dropout=dropout)
     tree["objective"] = {"name": objective, **({"mlm": {"static_count": True}} if objective == "mlm" else {})}
