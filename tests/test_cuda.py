@@ -1,8 +1,8 @@
 """CUDA smoke tests of the fast path: run them on a GPU machine (`pytest tests/test_cuda.py`); skipped without one.
 
 They check what a CPU cannot: the step never waits for the GPU (``torch.cuda.set_sync_debug_mode("error")``), an
-unpadded batch takes the flash kernel with dropout also inside the compiled step, and the bf16 loss matches the stock
-HF model's."""
+unpadded batch takes the flash kernel with dropout also inside the compiled step, the bf16 loss matches the stock
+HF model's, and compiled decoupled chunks train like the eager ones."""
 
 from __future__ import annotations
 

@@ -267,7 +267,8 @@ def test_synthetic_module_math_is_fp32_under_bf16_autocast():
     torch.nn.init.normal_(module.out.weight, std=0.02)  # a non-zero prediction
     batch = steps_of_batches(collator, tok, steps=1, n_micro=1)[0][0]
     h = torch.randn(*batch["input_ids"].shape, 32).to(torch.bfloat16)
-    mask = model.chunks[1].attention_mask(h.float(), batch["attention_mask"])
+    # the [B, L] mask as such (no `padded` flag): M_k's attention gets HF's mask, not None
+    mask = model.chunks[1].attention_mask(h.float(), {"attention_mask": batch["attention_mask"]})
     with NoBf16Matmul():
         with torch.autocast("cpu", dtype=torch.bfloat16):  # the chunk's forward context
             out = module(h, batch["labels"], mask)

@@ -284,12 +284,13 @@ class Chunk(nn.Module):
         #: logged metric -> count key (for :class:`~pretrain.metrics.MetricTracker`)
         self.metric_counts = counts
 
-    def attention_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None):
-        """The layers' attention mask, recomputed from the batch's [B, L] mask exactly as ``BertModel`` does."""
+    def attention_mask(self, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]):
+        """The layers' attention mask for ``batch``: none on unpadded blocks (``encoder_attention_mask``: no host
+        sync), else recomputed from its [B, L] mask exactly as ``BertModel`` does."""
         from transformers.masking_utils import create_bidirectional_mask
 
         # positional: the embeddings argument was renamed (input_embeds -> inputs_embeds) within transformers 5
-        return create_bidirectional_mask(self.config, hidden, attention_mask)
+        return create_bidirectional_mask(self.config, hidden, encoder_attention_mask(batch))
 
     def forward(self, batch: Mapping[str, torch.Tensor], inputs: dict[str, torch.Tensor] | None, normalizers=None,
                 with_head: bool = True, boundary_grads: bool = False):
@@ -302,7 +303,7 @@ class Chunk(nn.Module):
             hidden = inputs["hidden"] if boundary_grads else inputs["hidden"].detach()
             carry = {k: v for k, v in inputs.items() if k != "hidden"}
             parts, counts, metrics = {}, {}, {}
-        mask = self.attention_mask(hidden, encoder_attention_mask(batch))  # None on unpadded blocks: no sync
+        mask = self.attention_mask(hidden, batch)
         for layer in self.layers:
             hidden = run_layer(layer, hidden, mask, self.fused)
         if not with_head:  # the frozen-random control: features only

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from objectives.base import IGNORE_INDEX, encoder_attention_mask
+from objectives.base import IGNORE_INDEX
 
 from .chunks import bert_init_
 
@@ -172,7 +172,7 @@ class SyntheticStageMixin:
             self._emit(leaf)
         else:
             features = hidden.detach()
-            mask = self.chunk.attention_mask(features, encoder_attention_mask(batch))
+            mask = self.chunk.attention_mask(features, batch)
             count = normalizers[SCALE_KEY].clamp(min=1) if self.options.target_scale != "none" else \
                 torch.ones((), device=features.device)
             with torch.no_grad():
