@@ -47,6 +47,19 @@ def build_options(cls, options: Mapping[str, Any], where: str):
     return cls(**options)
 
 
+def bert_init_(module: nn.Module, std: float) -> nn.Module:
+    """BERT initialisation of a freshly built head: normal(0, std) weights, zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return module
+
+
 def encoder_attention_mask(batch: Mapping[str, Any]) -> torch.Tensor | None:
     """The mask to hand an encoder: None when the collator saw no padding (``padded`` False: every block full, as
     packed pretraining blocks are), so SDPA may run its flash kernel, also under ``torch.compile``; else the
@@ -153,6 +166,15 @@ class Objective(nn.Module):
     def counts(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Normaliser counts of this batch, from the collated tensors alone (no forward pass)."""
         raise NotImplementedError
+
+    def window_counts(self, micro_batches: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """``counts`` summed over an accumulation window, as float tensors on the micro-batches' device: the
+        token-exact normalisers of this process's share of the step."""
+        total: dict[str, torch.Tensor] = {}
+        for batch in micro_batches:
+            for key, value in self.counts(batch).items():
+                total[key] = total.get(key, 0) + value.float()
+        return total
 
     def reduce(
         self,

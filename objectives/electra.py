@@ -353,7 +353,7 @@ class ElectraObjective(Objective):
     def export(self, model: nn.Module, out_dir, tokenizer) -> None:
         """``out_dir/discriminator`` (``ElectraForPreTraining``) and ``out_dir/generator`` (``ElectraForMaskedLM``),
         each with its own copy of the shared embeddings and the tokenizer, loadable standalone."""
-        from pretrain.export import save_hf, unwrap
+        from pretrain.hf_io import save_hf, unwrap
 
         model = unwrap(model)
         out_dir = Path(out_dir)
@@ -362,7 +362,7 @@ class ElectraObjective(Objective):
 
     def export_targets(self, model: nn.Module, out_dir) -> list[tuple[Any, str, nn.Module]]:
         """Both exports with the auto class that loads each and the training module whose logits it reproduces."""
-        from pretrain.export import unwrap
+        from pretrain.hf_io import unwrap
 
         model, out_dir = unwrap(model), Path(out_dir)
         return [

@@ -163,6 +163,6 @@ class MLMObjective(Objective):
         return BertForMaskedLM(bert_config(model_config, self.vocab_size, self.pad_id))
 
     def export(self, model: nn.Module, out_dir, tokenizer) -> None:
-        from pretrain.export import save_hf
+        from pretrain.hf_io import save_hf
 
         save_hf(model, out_dir, tokenizer)

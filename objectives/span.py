@@ -168,7 +168,7 @@ def save_sbo_head(head: SBOHead, path: str | Path) -> None:
     """Write the head's parameters to ``path`` (safetensors) with its constructor arguments in the metadata."""
     from safetensors.torch import save_file
 
-    from pretrain.export import unwrap
+    from pretrain.hf_io import unwrap
 
     head = unwrap(head)
     tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
@@ -409,7 +409,7 @@ class SpanObjective(MLMObjective):
     def export(self, model: nn.Module, out_dir, tokenizer) -> None:
         """``out_dir``: the ``BertForMaskedLM`` + tokenizer (``AutoModelForMaskedLM`` loads it) and
         ``sbo_head.safetensors`` (read it with :func:`load_sbo_head`). Both are staged, then moved into place at once."""
-        from pretrain.export import replace_dir, save_hf
+        from pretrain.hf_io import replace_dir, save_hf
 
         out_dir = Path(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)

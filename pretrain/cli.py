@@ -26,7 +26,8 @@ def pretrain_main(argv: list[str] | None = None) -> int:
 
     from .checkpoint import CheckpointError
     from .config import ConfigError, load_config
-    from .trainer import RunDirError, fit
+    from .rundir import RunDirError
+    from .trainer import fit
 
     datasets.disable_progress_bars()  # one progress line is ours; data preparation logs its stages instead
     log = logging.getLogger("pretrain")

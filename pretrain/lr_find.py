@@ -119,7 +119,9 @@ def lr_range_test(cfg, *, min_lr: float = 1e-7, max_lr: float = 1.0, steps: int 
 
     from .data import prepare_blocks
     from .data.stream import StreamDataset
-    from .trainer import PretrainModule, accumulate_gradients, build_optimizer, make_loader
+    from .data.stream import make_loader
+    from .optim import build_optimizer
+    from .trainer import PretrainModule, accumulate_gradients
 
     if cfg.decouple.mode != "none":
         raise ValueError("the LR range test trains end to end: run it with decouple.mode=none (the chunks of a "

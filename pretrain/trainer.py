@@ -9,32 +9,27 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from objectives import get_objective
 
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, config_differences, config_to_dict, save_config
-from .data.stream import StreamBatchSampler, StreamDataset, to_device
+from .config import Config, config_to_dict, save_config
+from .data.stream import StreamDataset, make_loader, to_device
 from .ewc import prepare_continued, resolve_source
-from .export import roundtrip_check, unwrap
+from .hf_io import roundtrip_check, unwrap
 from .fast import apply_fast_path, compile_step, fast_enabled
+from .optim import build_optimizer, step_if_finite
+from .rundir import RunDirError, check_tokenizer, prepare_run_dir
 from .metrics import MetricsLogger, MetricTracker, peak_flops, train_flops_per_token
 from .schedules import apply_schedule
 
 #: stream positions of validation examples start here, so their masking seeds never collide with training ones
 VALIDATION_INDEX_OFFSET = 1 << 40
-
-
-class RunDirError(RuntimeError):
-    """The output directory holds a different run."""
 
 
 class PretrainModule(nn.Module):
@@ -48,80 +43,6 @@ class PretrainModule(nn.Module):
 
     def forward(self, batch, normalizers=None):
         return self.objective(self.model, batch, normalizers)
-
-
-def build_optimizer(module: nn.Module, train_cfg, device_type: str) -> torch.optim.AdamW:
-    """AdamW with decoupled weight decay on matrices only (p.dim() >= 2): never on biases or LayerNorm weights."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        groups, lr=train_cfg.lr, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2), eps=train_cfg.adam_eps,
-        fused=device_type == "cuda" or None,
-    )
-
-
-def step_if_finite(optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
-    """``optimizer.step()`` unless ``grad_norm`` is NaN/Inf; returns 1.0 where the update was skipped, else 0.0 (a
-    0-dim tensor on the gradients' device). A fused AdamW takes the decision on the device (its ``found_inf`` input,
-    as under a grad scaler: parameters, moments and step counts stay untouched) with no host sync; other optimizers
-    read the flag on the host."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
-    skipped = (~torch.isfinite(grad_norm)).float()
-    if inner.defaults.get("fused"):
-        inner.found_inf = skipped
-        optimizer.step()
-        inner.found_inf = None
-    elif not skipped.item():
-        optimizer.step()
-    return skipped
-
-
-def prepare_run_dir(cfg: Config, overwrite: bool, is_main: bool) -> Path:
-    """Create the output dir, refusing one that holds a run with a different config. ``overwrite`` moves the old
-    run aside to ``OUTPUT_DIR.bak-<time>`` (nothing is deleted) and starts afresh."""
-    out = Path(cfg.output_dir)
-    saved = out / "config.yaml"
-    if saved.is_file():
-        import yaml
-
-        old = yaml.safe_load(saved.read_text()) or {}
-        diffs = config_differences(old, config_to_dict(cfg))
-        if diffs and not overwrite:
-            raise RunDirError(
-                f"{out} holds a run with a different config:\n  " + "\n  ".join(diffs)
-                + "\nuse a new output_dir, or pass --overwrite to move the old run aside"
-            )
-        if diffs and is_main:
-            backup = out.with_name(f"{out.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
-            shutil.move(str(out), str(backup))
-            print(f"moved the previous run to {backup}", flush=True)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, saved)
-    return out
-
-
-def check_tokenizer(cfg: Config, tokenizer):
-    """Fit the tokenizer to the model (max length = position count) and refuse a vocabulary-size mismatch."""
-    tokenizer.model_max_length = cfg.model.max_position_embeddings
-    if cfg.model.vocab_size is not None and cfg.model.vocab_size != len(tokenizer):
-        raise ValueError(f"model.vocab_size is {cfg.model.vocab_size} but the tokenizer has {len(tokenizer)} tokens; "
-                         "set model.vocab_size to null (use the tokenizer's) or point tokenizer.path at the right one")
-    return tokenizer
-
-
-def make_loader(dataset, collate, micro_batch_size, world, rank, start, stop, num_workers, pin_memory=False):
-    """A DataLoader over this rank's stream positions. Its own generator keeps it from drawing on the global torch
-    RNG (which would shift dropout masks after a resume); masking is seeded per sample, not per worker.
-    ``pin_memory`` (training on CUDA): page-locked batches, so the step's non-blocking copies do not stall the host."""
-    sampler = StreamBatchSampler(micro_batch_size, world, rank, start=start, stop=stop)
-    return DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-        persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
-        generator=torch.Generator().manual_seed(start), pin_memory=pin_memory,
-    )
 
 
 @torch.no_grad()
@@ -140,16 +61,6 @@ def evaluate(module, collator, val_blocks, cfg: Config, accelerator) -> dict[str
     return tracker.compute(reduce=lambda t: accelerator.reduce(t, "sum"))
 
 
-def window_counts(collator, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
-    """The objective's target counts (``collator.counts``) summed over an accumulation window, as float tensors on
-    the micro-batches' device: the token-exact normalisers of this process's share of the step."""
-    counts: dict[str, torch.Tensor] = {}
-    for batch in micro_batches:
-        for key, value in collator.counts(batch).items():
-            counts[key] = counts.get(key, 0) + value.float()
-    return counts
-
-
 def accumulate_gradients(module, collator, micro_batches: list[dict], accelerator) -> list[dict]:
     """Forward/backward every micro-batch of one optimizer step; returns their output dicts.
 
@@ -160,7 +71,7 @@ def accumulate_gradients(module, collator, micro_batches: list[dict], accelerato
     No host sync: the micro-batches are copied to the device without blocking (page-locked when the DataLoader pins
     them) and counted there; a blocking copy of the counts would wait for the previous step's kernels."""
     micro_batches = [to_device(b, accelerator.device) for b in micro_batches]
-    counts = window_counts(collator, micro_batches)
+    counts = collator.window_counts(micro_batches)
     names = sorted(counts)
     totals = torch.stack([counts[k] for k in names])
     world = accelerator.num_processes

@@ -137,7 +137,8 @@ def run_worker(args) -> None:
         from accelerate import Accelerator
 
         from objectives import get_objective
-        from pretrain.trainer import PretrainModule, accumulate_gradients, build_optimizer
+        from pretrain.optim import build_optimizer
+        from pretrain.trainer import PretrainModule, accumulate_gradients
 
         accelerator = Accelerator(cpu=args.device == "cpu")
         device = accelerator.device
@@ -411,7 +412,8 @@ def trainer_step(cfg, objective, model, device, keep_mask: bool = False, compile
     from accelerate import Accelerator
 
     from pretrain.fast import compile_step
-    from pretrain.trainer import PretrainModule, accumulate_gradients, build_optimizer
+    from pretrain.optim import build_optimizer
+    from pretrain.trainer import PretrainModule, accumulate_gradients
 
     accelerator = Accelerator(cpu=device.type == "cpu",
                               mixed_precision="bf16" if cfg.train.precision == "bf16" else "no")

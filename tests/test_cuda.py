@@ -60,7 +60,8 @@ def test_fast_step_never_waits_for_the_gpu(tokenizer, name):
     AdamW, zero_grad) under bf16 on the fast path, after compilation: any host-device sync raises."""
     from accelerate import Accelerator
 
-    from pretrain.trainer import accumulate_gradients, build_optimizer, step_if_finite
+    from pretrain.optim import build_optimizer, step_if_finite
+    from pretrain.trainer import accumulate_gradients
 
     objective, model = setup(tokenizer, name)
     collator = copy.deepcopy(objective)

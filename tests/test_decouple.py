@@ -153,7 +153,8 @@ def test_one_chunk_local_training_equals_ordinary_backprop(objective, schedule):
     from objectives import get_objective
     from pretrain.decouple.runtime import Layout, Pipeline, build_chunked_model, window_normalizers
     from pretrain.schedules import apply_schedule, lr_for
-    from pretrain.trainer import PretrainModule, accumulate_gradients, build_optimizer
+    from pretrain.optim import build_optimizer
+    from pretrain.trainer import PretrainModule, accumulate_gradients
 
     tok = make_tokenizer()
     cfg = make_cfg(objective=objective, chunks=1, max_steps=4, warmup_steps=1, schedule=schedule)
@@ -296,7 +297,7 @@ def test_metrics_have_the_trainer_format_with_per_chunk_losses(distributed_run):
 
 def test_export_is_the_stitched_model_and_loads_in_a_fresh_process(distributed_run):
     from pretrain.decouple.runtime import AUX_HEADS_FILE, load_run
-    from pretrain.export import roundtrip_check
+    from pretrain.hf_io import roundtrip_check
 
     export = distributed_run / "export"
     weights = load_file(str(export / "model.safetensors"))

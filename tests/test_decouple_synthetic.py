@@ -64,7 +64,7 @@ def backprop_reference(cfg, tok, steps):
     """Ordinary backprop on the same chunked model: the loss's gradient flows through every boundary; each chunk
     clips its own gradients and steps its own AdamW (as the runtime does). Returns (losses, parameters)."""
     from pretrain.decouple.runtime import build_chunked_model, window_normalizers
-    from pretrain.trainer import build_optimizer
+    from pretrain.optim import build_optimizer
 
     torch.manual_seed(0)
     model, collator = build_chunked_model(cfg, tok)

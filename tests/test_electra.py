@@ -20,7 +20,7 @@ from objectives.electra import (
     gumbel_sample,
 )
 from pretrain.config import ModelConfig, load_config
-from pretrain.export import roundtrip_check
+from pretrain.hf_io import roundtrip_check
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -113,7 +113,7 @@ def test_span_masks_respect_segments_and_are_seeded(tok, special):
 @pytest.fixture(scope="module")
 def mlm_export(tok, tmp_path_factory):
     from objectives import get_objective
-    from pretrain.export import save_hf
+    from pretrain.hf_io import save_hf
 
     torch.manual_seed(0)
     model = get_objective("mlm", tok).build_model(tiny_model_config()).eval()

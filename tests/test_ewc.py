@@ -14,7 +14,8 @@ from helpers import make_tokenizer, packed_examples, tiny_model_config, toy_corp
 from objectives import get_objective
 from pretrain.config import ConfigError, config_from_dict, config_to_dict, load_config
 from pretrain.ewc import EWC_FILE, EWCPenalty, SourceError, estimate_fisher, trainable
-from pretrain.trainer import PretrainModule, accumulate_gradients, build_optimizer, fit
+from pretrain.optim import build_optimizer
+from pretrain.trainer import PretrainModule, accumulate_gradients, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -176,7 +176,7 @@ def test_compiled_step_keeps_names_losses_gradients_and_export_logits(tokenizer,
     """The fast path end to end (static shapes, FusedEncoder, the trainer's module compiled as one graph) against
     the eager HF model, on a padded batch and on an unpadded one (no mask: a second graph). torch.compile on CPU
     (inductor + the system C++ compiler) takes about a minute per objective, hence slow."""
-    from pretrain.export import roundtrip_check
+    from pretrain.hf_io import roundtrip_check
     from pretrain.trainer import PretrainModule
 
     objective = get_objective(name, tokenizer, seed=0, **OPTIONS[name])
@@ -361,7 +361,7 @@ def test_a_decoupled_run_on_the_fast_path_follows_the_eager_run(tmp_path, object
 def test_step_if_finite_skips_a_non_finite_update_entirely(fused):
     """Fused AdamW decides on the device (found_inf); the foreach one on the host. A skipped step leaves weights,
     moments and the step count untouched; a finite one is an ordinary AdamW step."""
-    from pretrain.trainer import step_if_finite
+    from pretrain.optim import step_if_finite
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(4, 3)

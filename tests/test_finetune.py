@@ -38,7 +38,7 @@ def labelled_rows(n: int, seed: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def mlm_export(tmp_path_factory):
     from objectives import get_objective
-    from pretrain.export import save_hf
+    from pretrain.hf_io import save_hf
 
     tok = make_tokenizer()
     torch.manual_seed(0)

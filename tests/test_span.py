@@ -423,7 +423,7 @@ def test_sbo_gradient_reaches_the_encoder(tok, long_examples):
 def test_export_round_trip(tok, short_examples, tmp_path):
     from transformers import AutoModelForMaskedLM
 
-    from pretrain.export import roundtrip_check
+    from pretrain.hf_io import roundtrip_check
 
     torch.manual_seed(0)
     obj = get_objective("span", tok)

@@ -7,7 +7,7 @@ from helpers import make_tokenizer, packed_examples
 from objectives import get_objective
 from pretrain.data.stream import StreamBatchSampler, StreamDataset
 from pretrain.schedules import lr_at
-from pretrain.trainer import make_loader
+from pretrain.data.stream import make_loader
 
 
 def take(sampler, n):

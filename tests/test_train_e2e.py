@@ -88,7 +88,7 @@ def test_export_loads_in_fresh_process_with_equal_logits(reference_run):
 
     from objectives import get_objective
     from pretrain.config import load_config
-    from pretrain.export import roundtrip_check
+    from pretrain.hf_io import roundtrip_check
 
     cfg = load_config(reference_run / "config.yaml")
     tok = AutoTokenizer.from_pretrained(str(reference_run / "export"))

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -70,3 +70,15 @@ class StreamBatchSampler(Sampler[list[int]]):
 
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def make_loader(dataset, collate, micro_batch_size, world, rank, start, stop, num_workers, pin_memory=False):
+    """A DataLoader over this rank's stream positions. Its own generator keeps it from drawing on the global torch
+    RNG (which would shift dropout masks after a resume); masking is seeded per sample, not per worker.
+    ``pin_memory`` (training on CUDA): page-locked batches, so the step's non-blocking copies do not stall the host."""
+    sampler = StreamBatchSampler(micro_batch_size, world, rank, start=start, stop=stop)
+    return DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+        persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(start), pin_memory=pin_memory,
+    )

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from objectives.base import IGNORE_INDEX, Objective, encoder_attention_mask
+from objectives.base import IGNORE_INDEX, Objective, bert_init_, encoder_attention_mask
 from objectives.electra import replaced_token_sums
 
 from ..fast import FusedEncoder
@@ -52,19 +52,6 @@ def layer_ranges(num_layers: int, chunks: int, boundaries: str | list[int] = "au
                              f"indices in [1, {num_layers - 1}]")
     stops = starts[1:] + [num_layers]
     return list(zip(starts, stops))
-
-
-def bert_init_(module: nn.Module, std: float) -> nn.Module:
-    """BERT initialisation of a freshly built head: normal(0, std) weights, zero biases, unit LayerNorms."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    return module
 
 
 def reduce_parts(parts: dict[str, tuple[torch.Tensor, str, float]], counts: dict[str, torch.Tensor],

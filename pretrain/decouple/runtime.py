@@ -60,12 +60,14 @@ from objectives import get_objective
 from ..checkpoint import COMPLETE, CheckpointError, commit_checkpoint, latest_checkpoint, read_state
 from ..config import Config, config_to_dict, save_config
 from ..data.stream import StreamDataset, to_device
-from ..export import roundtrip_check
+from ..hf_io import roundtrip_check
 from ..fast import apply_fast_path_to_chunks, fast_enabled
 from ..metrics import MetricsLogger, MetricTracker, peak_flops, train_flops_per_token
 from ..schedules import lr_for, momentum_for
-from ..trainer import (VALIDATION_INDEX_OFFSET, build_optimizer, check_tokenizer, make_loader, prepare_run_dir,
-                       step_if_finite, window_counts)
+from ..data.stream import make_loader
+from ..optim import build_optimizer, step_if_finite
+from ..rundir import check_tokenizer, prepare_run_dir
+from ..trainer import VALIDATION_INDEX_OFFSET
 from .chunks import ChunkedModel
 from .synthetic import SYNTHETIC_EXPORT_FILE, SYNTHETIC_FILE, SyntheticStageMixin
 
@@ -573,7 +575,7 @@ class Pipeline:
 
 def window_normalizers(collator, micro_batches: list[dict], device) -> dict[str, torch.Tensor]:
     """Target counts summed over the step's micro-batches (the pipeline's share of the step), on ``device``."""
-    counts = window_counts(collator, micro_batches)
+    counts = collator.window_counts(micro_batches)
     return {k: v.to(device, non_blocking=True) for k, v in counts.items()}  # no wait for queued kernels
 
 

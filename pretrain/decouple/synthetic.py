@@ -28,9 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from objectives.base import IGNORE_INDEX
-
-from .chunks import bert_init_
+from objectives.base import IGNORE_INDEX, bert_init_
 
 #: checkpoint file of M_k (per chunk directory) and export file of all of them (beside the HF weights)
 SYNTHETIC_FILE, SYNTHETIC_EXPORT_FILE = "synthetic.safetensors", "synthetic_gradients.safetensors"

@@ -1,0 +1,47 @@
+"""The run directory: refuse one that holds a different run, save the resolved config, fit the tokenizer."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from .config import Config, config_differences, config_to_dict, save_config
+
+
+class RunDirError(RuntimeError):
+    """The output directory holds a different run."""
+
+
+def prepare_run_dir(cfg: Config, overwrite: bool, is_main: bool) -> Path:
+    """Create the output dir, refusing one that holds a run with a different config. ``overwrite`` moves the old
+    run aside to ``OUTPUT_DIR.bak-<time>`` (nothing is deleted) and starts afresh."""
+    out = Path(cfg.output_dir)
+    saved = out / "config.yaml"
+    if saved.is_file():
+        import yaml
+
+        old = yaml.safe_load(saved.read_text()) or {}
+        diffs = config_differences(old, config_to_dict(cfg))
+        if diffs and not overwrite:
+            raise RunDirError(
+                f"{out} holds a run with a different config:\n  " + "\n  ".join(diffs)
+                + "\nuse a new output_dir, or pass --overwrite to move the old run aside"
+            )
+        if diffs and is_main:
+            backup = out.with_name(f"{out.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.move(str(out), str(backup))
+            print(f"moved the previous run to {backup}", flush=True)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, saved)
+    return out
+
+
+def check_tokenizer(cfg: Config, tokenizer):
+    """Fit the tokenizer to the model (max length = position count) and refuse a vocabulary-size mismatch."""
+    tokenizer.model_max_length = cfg.model.max_position_embeddings
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size != len(tokenizer):
+        raise ValueError(f"model.vocab_size is {cfg.model.vocab_size} but the tokenizer has {len(tokenizer)} tokens; "
+                         "set model.vocab_size to null (use the tokenizer's) or point tokenizer.path at the right one")
+    return tokenizer
