@@ -1,36 +1,45 @@
-"""Export a run's checkpoint to stock ``transformers`` directories (the same as the end of training)."""
+"""Exports to stock ``transformers`` directories: the end of every training run (:func:`write_export`) and
+``pretrain-export RUN`` on any checkpoint of a run (:func:`export_checkpoint`), for both kinds of run."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from .config import load_config, save_config
+from .hf_io import roundtrip_check
 
-def export_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None, out: str | Path | None = None) -> Path:
-    """Rebuild the model of a pretraining run, load a checkpoint's weights and export it with the objective's
-    ``export`` (the same as the end of training; decoupled runs go to ``pretrain.decouple.export_run``). Returns
-    the export directory."""
+
+def write_export(objective, model: nn.Module, export_dir: Path, tokenizer, cfg,
+                 sidecars: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] | None = None,
+                 sample: torch.Tensor | None = None) -> None:
+    """Export ``model`` with the objective's ``export``, the resolved config (``pretrain_config.yaml``) and
+    ``sidecars`` (file name -> (tensors, metadata): what is not part of the HF weights, e.g. a decoupled run's
+    auxiliary heads); with ``sample`` (input ids [B, L]) reload every export in a fresh process and check its
+    logits against ``model``'s."""
+    from safetensors.torch import save_file
+
+    export_dir = Path(export_dir)
+    objective.export(model, export_dir, tokenizer)
+    save_config(cfg, export_dir / "pretrain_config.yaml")
+    for name, (tensors, metadata) in (sidecars or {}).items():
+        save_file(tensors, str(export_dir / name), metadata=metadata)
+    if sample is None:
+        return
+    for path, auto_class, reference in objective.export_targets(model, export_dir):
+        check = roundtrip_check(path, auto_class, reference.float().cpu(), sample)
+        print(f"exported {path}: reloaded as {check['class']} in a fresh process, "
+              f"max |logit difference| {check['max_abs_err']:.2e}", flush=True)
+
+
+def _load_backprop_checkpoint(cfg, path: Path, tokenizer):
+    """The objective and its model with the weights of a backprop run's checkpoint ``path``."""
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer
 
     from objectives import get_objective
 
-    from .checkpoint import COMPLETE, latest_checkpoint
-    from .config import load_config
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a pretraining run (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    if cfg.decouple.mode != "none":  # chunked checkpoints: stitched back into one model
-        from .decouple import export_run
-
-        return export_run(run_dir, checkpoint, out)
-    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir / "checkpoints")
-    if path is None or not (path / COMPLETE).is_file():
-        raise FileNotFoundError(f"no complete checkpoint to export under {run_dir / 'checkpoints'}")
-    tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
     objective = get_objective(cfg.objective.name, tokenizer, seed=cfg.train.seed, **cfg.objective.options())
     model = objective.build_model(cfg.model)
     holder = nn.ModuleDict({"model": model, "objective": objective})
@@ -45,6 +54,32 @@ def export_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None,
     if untied_missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the run's model: missing {untied_missing}, "
                          f"unexpected {sorted(unexpected)}")
+    return objective, model
+
+
+def export_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None, out: str | Path | None = None) -> Path:
+    """Rebuild the model of a pretraining run, load a checkpoint's weights (a decoupled run's chunks are stitched
+    back into one model) and export it as the end of training does. Returns the export directory."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import COMPLETE, latest_checkpoint
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a pretraining run (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
     out = Path(out) if out else run_dir / "export"
-    objective.export(model, out, tokenizer)
+    if cfg.decouple.mode != "none":
+        from .decouple.run import load_run, sidecar_files
+
+        chunked, tokenizer, cfg = load_run(run_dir, checkpoint)
+        write_export(chunked.objective, chunked.export_model().float().cpu(), out, tokenizer, cfg,
+                     sidecar_files(chunked))
+        return out
+    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir / "checkpoints")
+    if path is None or not (path / COMPLETE).is_file():
+        raise FileNotFoundError(f"no complete checkpoint to export under {run_dir / 'checkpoints'}")
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
+    objective, model = _load_backprop_checkpoint(cfg, path, tokenizer)
+    write_export(objective, model, out, tokenizer, cfg)
     return out

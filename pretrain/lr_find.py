@@ -28,16 +28,16 @@ For ``train.schedule=onecycle`` Smith takes the largest LR that still trains as 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
+import dataclasses
 import json
 import math
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 @dataclass
@@ -110,18 +110,13 @@ def auto_smoothing(min_lr: float, max_lr: float, steps: int) -> float:
 
 def lr_range_test(cfg, *, min_lr: float = 1e-7, max_lr: float = 1.0, steps: int = 100, beta: float | None = None,
                   diverge_factor: float = 4.0, log_every: int = 10) -> LRFindResult:
-    """Run the LR range test for the pretraining config ``cfg`` (nothing is written to ``cfg.output_dir``).
-    ``beta``: EMA factor of the smoothed loss (None: :func:`auto_smoothing`)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from objectives import get_objective
-
-    from .data import prepare_blocks
-    from .data.stream import StreamDataset
-    from .data.stream import make_loader
-    from .optim import build_optimizer
-    from .trainer import PretrainModule, accumulate_gradients
+    """Run the LR range test for the pretraining config ``cfg`` (nothing is written to ``cfg.output_dir``) with
+    the trainer's own step (``pretrain.steps``). ``beta``: EMA factor of the smoothed loss (None:
+    :func:`auto_smoothing`)."""
+    from .ewc import resolve_source
+    from .metrics import weighted_loss
+    from .steps import build_step
+    from .trainer import setup, train_loader
 
     if cfg.decouple.mode != "none":
         raise ValueError("the LR range test trains end to end: run it with decouple.mode=none (the chunks of a "
@@ -130,66 +125,40 @@ def lr_range_test(cfg, *, min_lr: float = 1e-7, max_lr: float = 1.0, steps: int 
     beta = auto_smoothing(min_lr, max_lr, steps) if beta is None else beta
     if diverge_factor <= 1:
         raise ValueError(f"diverge_factor must be > 1, got {diverge_factor}")
+    cfg = resolve_source(cfg)
+    # the sweep sets the LR itself; a constant schedule also keeps Adam's beta1 fixed (one-cycle would cycle it)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, schedule="constant"))
     t = cfg.train
-    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision]
-    accelerator = Accelerator(mixed_precision=precision, cpu=t.device == "cpu")
-    set_seed(t.seed)
-    with accelerator.main_process_first():
-        data = prepare_blocks(cfg)
-    tokenizer = data.tokenizer
-    objective = get_objective(cfg.objective.name, tokenizer, seed=t.seed, **cfg.objective.options())
-    if hasattr(objective, "set_unigram_counts"):
-        objective.set_unigram_counts(data.unigram_counts)
-    model = objective.build_model(cfg.model)
-    collator = copy.deepcopy(objective)
-    module = PretrainModule(model, objective)
-    optimizer = build_optimizer(module, t, accelerator.device.type)
-    module, optimizer = accelerator.prepare(module, optimizer)
-    world = accelerator.num_processes
-    loader = make_loader(StreamDataset(data.train, t.seed), collator.collate, t.micro_batch_size, world,
-                         accelerator.process_index, start=0, stop=None, num_workers=cfg.data.num_workers)
-    batches = iter(loader)
+    step_runner = build_step(cfg)
+    with tempfile.TemporaryDirectory() as scratch:  # continued pretraining's Fisher file, not the run directory
+        data, _, objective, collator, _ = setup(cfg, step_runner, Path(scratch))
+    batches = iter(train_loader(cfg, step_runner, collator, data, start_step=0))
 
     smoother = SmoothedLoss(beta)
     done_lrs, losses, smoothed, best, reason = [], [], [], math.inf, "completed"
-    module.train()
     for i, lr in enumerate(lrs):
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro = [next(batches) for _ in range(t.grad_accum)]
-        outs = accumulate_gradients(module, collator, micro, accelerator)
-        # each micro-batch's loss is normalised by the window's global count / world: their sum, averaged over
-        # processes, is the token-exact loss of the whole step
-        loss = torch.stack([o["loss"].detach().float() for o in outs]).sum()
-        if world > 1:
-            loss = accelerator.reduce(loss, "mean")
-        if t.clip_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(module.parameters(), t.clip_grad_norm)
-        else:
-            grad_norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in module.parameters() if p.grad is not None]))
-        loss_value, finite_grad = loss.item(), bool(torch.isfinite(grad_norm))
-        if not (math.isfinite(loss_value) and finite_grad):
+        step_runner.train_step([next(batches) for _ in range(t.grad_accum)], lr, i)
+        metrics = step_runner.window_metrics()  # token-exact over the step's window and every process
+        loss_value = weighted_loss(objective.loss_parts, metrics)
+        if not (math.isfinite(loss_value) and math.isfinite(metrics["grad_norm"])):
             reason = "non-finite"
             break
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         value = smoother.update(loss_value)
         done_lrs.append(lr)
         losses.append(loss_value)
         smoothed.append(value)
         best = min(best, value)
-        if log_every and (i + 1) % log_every == 0:
-            accelerator.print(f"lr_find step {i + 1:>4}/{steps} | lr {lr:.2e} | loss {loss_value:.4f} "
-                              f"| smoothed {value:.4f}")
+        if log_every and (i + 1) % log_every == 0 and step_runner.is_logger:
+            print(f"lr_find step {i + 1:>4}/{steps} | lr {lr:.2e} | loss {loss_value:.4f} | smoothed {value:.4f}",
+                  flush=True)
         if value > diverge_factor * best:
             reason = "diverged"
             break
-    main_process = accelerator.is_main_process
-    accelerator.end_training()
+    main_process = step_runner.is_main
+    step_runner.close()
     settings = dict(min_lr=min_lr, max_lr=max_lr, steps=steps, beta=beta, diverge_factor=diverge_factor,
                     objective=cfg.objective.name, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
-                    world_size=world)
+                    world_size=step_runner.world_size)
     return LRFindResult(lrs=done_lrs, losses=losses, smoothed=smoothed, stop_reason=reason, settings=settings,
                         main_process=main_process, **suggest_lrs(done_lrs, smoothed))
 

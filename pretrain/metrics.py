@@ -70,6 +70,11 @@ class MetricTracker:
         return result
 
 
+def weighted_loss(loss_parts: dict[str, tuple[str, float]], metrics: dict[str, float]) -> float:
+    """The objective's loss from its logged part means: sum_p weight_p * metrics[p] (``Objective.loss_parts``)."""
+    return sum(weight * metrics.get(part, 0.0) for part, (_, weight) in loss_parts.items())
+
+
 class MetricsLogger:
     """Writes one JSON object per log step to ``metrics.jsonl`` (appending: a resumed run continues the file),
     mirrors scalars to TensorBoard when enabled, and prints one progress line. Only the main process writes."""

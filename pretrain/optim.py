@@ -33,3 +33,4 @@ def step_if_finite(optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
     elif not skipped.item():
         optimizer.step()
     return skipped
+

@@ -86,9 +86,14 @@ def momentum_for(train_cfg, step: int) -> float | None:
 
 def apply_schedule(optimizer, train_cfg, step: int) -> float:
     """Set every param group's LR for ``step`` (and Adam's beta1 under one-cycle); returns the LR."""
-    lr, beta1 = lr_for(train_cfg, step), momentum_for(train_cfg, step)
+    lr = lr_for(train_cfg, step)
+    set_lr(optimizer, lr, momentum_for(train_cfg, step))
+    return lr
+
+
+def set_lr(optimizer, lr: float, beta1: float | None = None) -> None:
+    """Set every param group's LR (and Adam's beta1 unless None: one-cycle cycles it)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
         if beta1 is not None:
             group["betas"] = (beta1, *group["betas"][1:])
-    return lr

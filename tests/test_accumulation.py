@@ -9,7 +9,7 @@ from accelerate import Accelerator
 from distributed import torchrun
 from helpers import make_tokenizer, packed_examples, tiny_model_config
 from objectives import get_objective
-from pretrain.trainer import PretrainModule, accumulate_gradients
+from pretrain.steps.backprop import PretrainModule, accumulate_gradients
 
 TESTS = Path(__file__).parent
 

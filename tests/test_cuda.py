@@ -16,7 +16,7 @@ from objectives import get_objective
 from pretrain.config import TrainConfig
 from pretrain.data.stream import to_device
 from pretrain.fast import apply_fast_path, compile_step, fuse_encoders
-from pretrain.trainer import PretrainModule
+from pretrain.steps.backprop import PretrainModule
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -61,7 +61,7 @@ def test_fast_step_never_waits_for_the_gpu(tokenizer, name):
     from accelerate import Accelerator
 
     from pretrain.optim import build_optimizer, step_if_finite
-    from pretrain.trainer import accumulate_gradients
+    from pretrain.steps.backprop import accumulate_gradients
 
     objective, model = setup(tokenizer, name)
     collator = copy.deepcopy(objective)
@@ -139,7 +139,9 @@ def test_compiled_decoupled_chunks_train_on_the_gpu_like_the_eager_ones(tokenize
     fast chunks (static shapes, fused layers, each chunk compiled) train, and their first-step losses, from the same
     weights, equal the eager chunks' within bf16 rounding (as the stock-model comparison above)."""
     from pretrain.config import config_from_dict
-    from pretrain.decouple.runtime import Layout, Pipeline, build_chunked_model, window_normalizers
+    from pretrain.decouple import Pipeline, build_chunked_model
+    from pretrain.decouple.layout import Layout
+    from pretrain.decouple.pipeline import window_normalizers
     from pretrain.fast import apply_fast_path_to_chunks
 
     cfg = config_from_dict({

@@ -88,7 +88,8 @@ def test_decoupled_local_yaml_parses():
 def test_scaling_one_chunks_loss_leaves_every_other_chunks_gradients_bit_identical(objective, aux_head):
     """Invariant (1) of DESIGN.md §4, with dropout on: no gradient crosses a boundary, and nothing a chunk computes
     (its outputs, ELECTRA's samples) depends on the loss scale of another chunk."""
-    from pretrain.decouple.runtime import build_chunked_model, window_normalizers
+    from pretrain.decouple import build_chunked_model
+    from pretrain.decouple.pipeline import window_normalizers
 
     tok = make_tokenizer()
     torch.manual_seed(0)
@@ -120,7 +121,7 @@ def test_scaling_one_chunks_loss_leaves_every_other_chunks_gradients_bit_identic
 
 
 def test_chunks_own_disjoint_parameters_covering_the_model_and_decoders_are_untied():
-    from pretrain.decouple.runtime import build_chunked_model
+    from pretrain.decouple import build_chunked_model
 
     torch.manual_seed(0)
     model, _ = build_chunked_model(make_cfg(objective="span", chunks=2, aux_head="layer"), make_tokenizer())
@@ -151,10 +152,12 @@ def test_one_chunk_local_training_equals_ordinary_backprop(objective, schedule):
     from accelerate import Accelerator
 
     from objectives import get_objective
-    from pretrain.decouple.runtime import Layout, Pipeline, build_chunked_model, window_normalizers
+    from pretrain.decouple import Pipeline, build_chunked_model
+    from pretrain.decouple.layout import Layout
+    from pretrain.decouple.pipeline import window_normalizers
     from pretrain.schedules import apply_schedule, lr_for
     from pretrain.optim import build_optimizer
-    from pretrain.trainer import PretrainModule, accumulate_gradients
+    from pretrain.steps.backprop import PretrainModule, accumulate_gradients
 
     tok = make_tokenizer()
     cfg = make_cfg(objective=objective, chunks=1, max_steps=4, warmup_steps=1, schedule=schedule)
@@ -200,7 +203,9 @@ def test_one_chunk_local_training_equals_ordinary_backprop(objective, schedule):
 
 
 def test_freeze_lower_keeps_lower_chunks_at_their_initialisation():
-    from pretrain.decouple.runtime import Layout, Pipeline, build_chunked_model, window_normalizers
+    from pretrain.decouple import Pipeline, build_chunked_model
+    from pretrain.decouple.layout import Layout
+    from pretrain.decouple.pipeline import window_normalizers
 
     tok = make_tokenizer()
     cfg = config_from_dict({**decouple_worker.base_config("unused"),
@@ -236,22 +241,22 @@ def fit_in_process(cfg):
     """``pretrain.trainer.fit(cfg)`` (the decouple hook) in this process, one thread like the torchrun workers,
     with the workers' in-memory blocks standing in for ``prepare_blocks`` and no fresh-process export check."""
     import pretrain.data
-    from pretrain.decouple import runtime
+    import pretrain.export
     from pretrain.trainer import fit
 
     tok = make_tokenizer()
     blocks = packed_examples(tok, 72, length=32)
     data = types.SimpleNamespace(tokenizer=tok, train=blocks[:64], validation=blocks[64:], unigram_counts=None)
-    saved, saved_check, threads = getattr(pretrain.data, "prepare_blocks", None), runtime.roundtrip_check, \
+    saved, saved_check, threads = getattr(pretrain.data, "prepare_blocks", None), pretrain.export.roundtrip_check, \
         torch.get_num_threads()
     pretrain.data.prepare_blocks = lambda cfg: data
-    runtime.roundtrip_check = decouple_worker.skip_roundtrip
+    pretrain.export.roundtrip_check = decouple_worker.skip_roundtrip
     torch.set_num_threads(1)
     try:
         return fit(cfg)
     finally:
         torch.set_num_threads(threads)
-        runtime.roundtrip_check = saved_check
+        pretrain.export.roundtrip_check = saved_check
         if saved is None:
             del pretrain.data.prepare_blocks
         else:
@@ -296,7 +301,7 @@ def test_metrics_have_the_trainer_format_with_per_chunk_losses(distributed_run):
 
 
 def test_export_is_the_stitched_model_and_loads_in_a_fresh_process(distributed_run):
-    from pretrain.decouple.runtime import AUX_HEADS_FILE, load_run
+    from pretrain.decouple.run import AUX_HEADS_FILE, load_run
     from pretrain.hf_io import roundtrip_check
 
     export = distributed_run / "export"
@@ -508,7 +513,7 @@ def test_two_data_parallel_pipelines_train_like_one_pipeline_of_twice_the_micro_
     (4, "synthetic", "implemented for decouple.mode=local only"),
 ])
 def test_launch_sizes_that_are_not_pipelines_are_refused(monkeypatch, processes, mode, message):
-    from pretrain.decouple.runtime import resolve_layout
+    from pretrain.decouple.layout import resolve_layout
 
     monkeypatch.setenv("WORLD_SIZE", str(processes))
     monkeypatch.setenv("RANK", "0")

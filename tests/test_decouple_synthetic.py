@@ -37,7 +37,8 @@ def steps_of_batches(collator, tok, steps=3, n_micro=2, size=4):
 
 
 def build(cfg, tok):
-    from pretrain.decouple.runtime import Layout, Pipeline, build_chunked_model
+    from pretrain.decouple import Pipeline, build_chunked_model
+    from pretrain.decouple.layout import Layout
 
     torch.manual_seed(0)
     model, collator = build_chunked_model(cfg, tok)
@@ -63,7 +64,8 @@ def end_to_end_gradients(model, micro, norms):
 def backprop_reference(cfg, tok, steps):
     """Ordinary backprop on the same chunked model: the loss's gradient flows through every boundary; each chunk
     clips its own gradients and steps its own AdamW (as the runtime does). Returns (losses, parameters)."""
-    from pretrain.decouple.runtime import build_chunked_model, window_normalizers
+    from pretrain.decouple import build_chunked_model
+    from pretrain.decouple.pipeline import window_normalizers
     from pretrain.optim import build_optimizer
 
     torch.manual_seed(0)
@@ -125,7 +127,7 @@ def install(stage, module):
 def test_oracle_synthetic_gradient_reproduces_backprop():
     """M_0 returns the true gradient (computed with the current parameters before each step): the lower chunk
     updates from exactly what backprop would give it, with staleness 1 and no mixing."""
-    from pretrain.decouple.runtime import window_normalizers
+    from pretrain.decouple.pipeline import window_normalizers
 
     tok = make_tokenizer()
     cfg = make_cfg(staleness=1, target_scale="count")  # the oracle answers δ·count
@@ -157,7 +159,7 @@ def test_oracle_synthetic_gradient_reproduces_backprop():
 
 def test_staleness_zero_with_full_mixing_is_backprop():
     """S = 0, λ = 1: every chunk waits for its true gradient and uses it alone: backprop, bit for bit."""
-    from pretrain.decouple.runtime import window_normalizers
+    from pretrain.decouple.pipeline import window_normalizers
 
     tok = make_tokenizer()
     cfg = make_cfg(chunks=3, staleness=0, mix=1.0)
@@ -176,7 +178,9 @@ def test_staleness_zero_with_full_mixing_is_backprop():
 def test_zero_synthetic_gradient_reproduces_the_frozen_lower_chunk_control():
     """M_0 ≡ 0: chunk 0 never moves and chunk 1 trains exactly like ``freeze_lower`` (weight decay 0: AdamW's
     decoupled decay would shrink chunk 0's weights even with a zero gradient)."""
-    from pretrain.decouple.runtime import Layout, Pipeline, build_chunked_model, window_normalizers
+    from pretrain.decouple import Pipeline, build_chunked_model
+    from pretrain.decouple.layout import Layout
+    from pretrain.decouple.pipeline import window_normalizers
 
     tok = make_tokenizer()
     tree = decouple_worker.base_config("unused")
@@ -207,7 +211,7 @@ def test_zero_synthetic_gradient_reproduces_the_frozen_lower_chunk_control():
 
 def fit_fixed_batch(arch, context, steps=40):
     """Chunks frozen (lr 0), one micro-batch repeated with S = 0: M_0 regresses a fixed target (lr 3e-3)."""
-    from pretrain.decouple.runtime import window_normalizers
+    from pretrain.decouple.pipeline import window_normalizers
 
     tok = make_tokenizer()
     cfg = make_cfg(arch=arch, context=context, staleness=0, lr=3e-3)
@@ -244,7 +248,7 @@ def test_synthetic_module_math_is_fp32_under_bf16_autocast():
     it executes and fails on a bf16 one: the check cannot take the test process down."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from pretrain.decouple.runtime import build_chunked_model
+    from pretrain.decouple import build_chunked_model
 
     matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
                torch.ops.aten.baddbmm.default, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
@@ -318,7 +322,7 @@ def test_center_removes_the_shared_part_at_target_positions_only():
 def test_centered_prediction_is_what_the_chunk_backpropagates():
     """synthetic.center: the gradient entering chunk 0's output is M_0's prediction, centred per block over the
     masked positions (an M_0 returning a constant vector then drives no update at all)."""
-    from pretrain.decouple.runtime import window_normalizers
+    from pretrain.decouple.pipeline import window_normalizers
 
     tok = make_tokenizer()
     cfg = make_cfg(center=True, staleness=1)
@@ -340,7 +344,7 @@ def test_centered_prediction_is_what_the_chunk_backpropagates():
 def test_collapse_penalty_spreads_the_lower_chunks_outputs():
     """With M_0 ≡ 0, collapse_penalty β is chunk 0's only signal: its gradient is that of β·token_cos(h) (checked
     against autograd on the same forward), and token_cos falls step after step on a fixed batch."""
-    from pretrain.decouple.runtime import window_normalizers
+    from pretrain.decouple.pipeline import window_normalizers
     from pretrain.decouple.synthetic import token_cosine
 
     tok = make_tokenizer()
@@ -379,11 +383,11 @@ KEYS = ("mlm_loss", "mlm_acc", "chunk0_sg_loss", "chunk0_sg_cos", "chunk0_token_
 
 @pytest.fixture
 def in_process(monkeypatch):
-    """The torchrun worker's run (``fit_decoupled`` on in-memory blocks) in this process, without the fresh-process
+    """The torchrun worker's run (``fit`` on in-memory blocks) in this process, without the fresh-process
     export check: ``in_process(output_dir, overrides)``."""
-    from pretrain.decouple import runtime
+    import pretrain.export
 
-    monkeypatch.setattr(runtime, "roundtrip_check", decouple_worker.skip_roundtrip)
+    monkeypatch.setattr(pretrain.export, "roundtrip_check", decouple_worker.skip_roundtrip)
     monkeypatch.delenv("SKIP_ROUNDTRIP", raising=False)
     return lambda run, args: decouple_worker.main(str(run), list(args))
 
@@ -416,7 +420,7 @@ def test_synthetic_run_resumes_exactly_and_exports_the_modules_beside(tmp_path, 
     the export holds the stitched BERT only, the SG modules go to ``synthetic_gradients.safetensors``."""
     import yaml
 
-    from pretrain.decouple.runtime import SYNTHETIC_EXPORT_FILE
+    from pretrain.decouple.synthetic import SYNTHETIC_EXPORT_FILE
 
     args = ["decouple.mode=synthetic", "decouple.synthetic.staleness=1", "decouple.synthetic.mix=0.5"]
     full = tmp_path / "full"
@@ -469,7 +473,7 @@ def test_bad_synthetic_configs_fail_naming_the_fix(tree, message):
 
 
 def test_electra_with_synthetic_gradients_is_refused_naming_local_mode():
-    from pretrain.decouple.runtime import build_chunked_model
+    from pretrain.decouple import build_chunked_model
 
     tree = decouple_worker.base_config("unused")
     tree["objective"] = {"name": "electra"}

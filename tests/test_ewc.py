@@ -15,7 +15,8 @@ from objectives import get_objective
 from pretrain.config import ConfigError, config_from_dict, config_to_dict, load_config
 from pretrain.ewc import EWC_FILE, EWCPenalty, SourceError, estimate_fisher, trainable
 from pretrain.optim import build_optimizer
-from pretrain.trainer import PretrainModule, accumulate_gradients, fit
+from pretrain.steps.backprop import PretrainModule, accumulate_gradients
+from pretrain.trainer import fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -177,7 +177,7 @@ def test_compiled_step_keeps_names_losses_gradients_and_export_logits(tokenizer,
     the eager HF model, on a padded batch and on an unpadded one (no mask: a second graph). torch.compile on CPU
     (inductor + the system C++ compiler) takes about a minute per objective, hence slow."""
     from pretrain.hf_io import roundtrip_check
-    from pretrain.trainer import PretrainModule
+    from pretrain.steps.backprop import PretrainModule
 
     objective = get_objective(name, tokenizer, seed=0, **OPTIONS[name])
     if name == "span":
@@ -274,7 +274,8 @@ def test_fast_chunks_give_the_eager_chunks_losses_and_gradients(tokenizer, objec
     parameter's gradient equal the eager chunks', and so does the gradient a synthetic-mode chunk leaves on its
     input; names are unchanged."""
     from pretrain.config import config_from_dict
-    from pretrain.decouple.runtime import build_chunked_model, window_normalizers
+    from pretrain.decouple import build_chunked_model
+    from pretrain.decouple.pipeline import window_normalizers
     from pretrain.fast import apply_fast_path_to_chunks
 
     torch.manual_seed(0)

@@ -166,14 +166,14 @@ def test_onecycle_config_rules_and_apply_schedule():
 
 
 def test_trainer_sets_lr_and_beta1_per_step_under_onecycle(tmp_path, corpus_and_cache, monkeypatch):
-    import pretrain.trainer
+    import pretrain.export
     from pretrain.trainer import fit
 
     corpus, cache = corpus_and_cache
     path = write_tiny_config(tmp_path / "c.yaml", corpus, cache, schedule="onecycle", max_steps=5, save_every=0,
                              lr=2e-3, onecycle_pct_start=0.4)
     # the export's fresh-process round trip is tested elsewhere; it would double this test's time
-    monkeypatch.setattr(pretrain.trainer, "roundtrip_check", lambda *a, **k: {"class": "-", "max_abs_err": 0.0})
+    monkeypatch.setattr(pretrain.export, "roundtrip_check", lambda *a, **k: {"class": "-", "max_abs_err": 0.0})
     fit(load_config(path))
     run = tmp_path / "run"
     t = load_config(run / "config.yaml").train

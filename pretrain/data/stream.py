@@ -15,6 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+#: stream positions of validation examples start here, so their masking seeds never collide with training ones
+VALIDATION_INDEX_OFFSET = 1 << 40
+
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch)]))
@@ -82,3 +85,13 @@ def make_loader(dataset, collate, micro_batch_size, world, rank, start, stop, nu
         persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(start), pin_memory=pin_memory,
     )
+
+
+def validation_loader(val_blocks, collate, train_cfg, world_size: int, rank: int) -> DataLoader:
+    """This rank's share of the fixed validation set: ``train.eval_batches`` global micro-batches (fewer if the
+    split is smaller; at least one) of blocks in order, masked with seeds of their own stream positions (fixed masks
+    from evaluation to evaluation, and never a training sample's)."""
+    b = train_cfg.micro_batch_size
+    n_batches = max(1, min(train_cfg.eval_batches, len(val_blocks) // (b * world_size)))
+    dataset = StreamDataset(val_blocks, train_cfg.seed, shuffle=False, index_offset=VALIDATION_INDEX_OFFSET)
+    return make_loader(dataset, collate, b, world_size, rank, 0, n_batches, 0)

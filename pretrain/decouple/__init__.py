@@ -1,13 +1,17 @@
 """Layer decoupling (DESIGN.md §4): the encoder cut into chunks that learn from local losses (mode local) or from
-synthetic gradients (mode synthetic).
+synthetic gradients (mode synthetic), run by one pipeline in one process (simulated) or one process per chunk.
 
-``chunks``: cutting the model, auxiliary heads, the per-chunk forward with detached inputs.
-``synthetic``: the synthetic-gradient modules M_k and the per-chunk logic that uses and trains them.
-``runtime``: the simulated (one process) and distributed (one process per chunk) runtimes and ``fit_decoupled``,
-which ``pretrain.trainer.fit`` calls when ``decouple.mode`` is not ``none``.
+``chunks``: cutting the model (the objective says how) and the per-chunk forward with detached inputs.
+``stage``: one chunk's optimizer, RNG, metrics and checkpoint files; ``synthetic``: the synthetic-gradient modules
+M_k and their stage; ``modes``: the registry of modes and their stages; ``run``: a run's model outside the
+pipeline (build, load a checkpoint, export sidecars).
+``layout``: which process runs which chunk; ``link``: the messages between them; ``pipeline``: one optimizer step,
+evaluation and checkpoints of the chunks a process holds. The training loop (``pretrain.trainer.fit``) drives it
+through ``pretrain.steps.decoupled.DecoupledStep``.
 """
 
 from .chunks import Chunk, ChunkedModel, layer_ranges
-from .runtime import export_run, fit_decoupled, load_run
+from .pipeline import Pipeline
+from .run import build_chunked_model, load_run
 
-__all__ = ["Chunk", "ChunkedModel", "layer_ranges", "fit_decoupled", "export_run", "load_run"]
+__all__ = ["Chunk", "ChunkedModel", "layer_ranges", "Pipeline", "build_chunked_model", "load_run"]

@@ -13,14 +13,13 @@ the prediction over the masked positions, and ``collapse_penalty`` β adds β ×
 Invariants: S = 0 and λ = 1 is backprop; an M_k that returns zero leaves chunk k at its initialisation (with
 weight decay 0: AdamW's decoupled decay shrinks weights even without a gradient).
 
-:class:`SyntheticStageMixin` adds this to the runtime's ``Stage``; the pipeline routes
+:class:`SyntheticStage` adds this to the pipeline's ``Stage``; the pipeline routes
 its ``outbox`` (true gradients of its input, in micro-batch order) to the chunk below, and calls ``resolve`` when a
 true gradient is due. M_k runs in fp32 with autocast off: it is small, and its regression target is fp32.
 """
 
 from __future__ import annotations
 
-import collections
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,9 @@ import torch
 from torch import nn
 
 from objectives.base import IGNORE_INDEX, bert_init_
+
+from ..checkpoint import CheckpointError
+from .stage import Stage
 
 #: checkpoint file of M_k (per chunk directory) and export file of all of them (beside the HF weights)
 SYNTHETIC_FILE, SYNTHETIC_EXPORT_FILE = "synthetic.safetensors", "synthetic_gradients.safetensors"
@@ -132,12 +134,15 @@ class Pending:
     count: torch.Tensor
 
 
-class SyntheticStageMixin:
-    """Synthetic-gradient behaviour on top of ``Stage`` (its optimizer, clipping, RNG and checkpoint files):
-    ``runtime.SyntheticStage`` combines the two (this module cannot import ``runtime``, which imports it)."""
+class SyntheticStage(Stage):
+    """A chunk of ``decouple.mode: synthetic``: learns from predicted (and true) gradients of its output, on top of
+    :class:`~pretrain.decouple.stage.Stage` (its optimizer, clipping, RNG and checkpoint files)."""
 
-    def __init__(self, model, k: int, cfg, device: torch.device):
-        super().__init__(model, k, cfg, device, frozen=False)
+    def __init__(self, model, k: int, cfg, device: torch.device, replica: int = 0):
+        if cfg.train.precision == "fp16":
+            raise NotImplementedError("decouple.mode=synthetic does not implement fp16 loss scaling of the "
+                                      "gradients it exchanges: use train.precision bf16 or fp32")
+        super().__init__(model, k, cfg, device, replica)
         self.options = cfg.decouple.synthetic
         self.module: SyntheticGradient | None = None if self.chunk.is_final else model.synthetic[k]
         self.sg_optimizer = None
@@ -146,13 +151,24 @@ class SyntheticStageMixin:
             names = {f"chunk{k}_sg_{m}": f"n_sg{k}" for m in ("loss", "cos", "cos_context", "norm_ratio")}
             names[f"chunk{k}_token_cos"] = f"n_out{k}"
             self.tracker.metric_counts = {**self.tracker.metric_counts, **names}
-        self.pending: collections.deque[Pending] = collections.deque()
-        #: true gradients of this chunk's input (micro-batch order), for chunk k-1
-        self.outbox: collections.deque[torch.Tensor] = collections.deque()
+        self.cfg = cfg
         self.use_true = False  # warm-up: wait for the true gradient and use it alone
         self.seen = 0
         #: running RMS of δ·c (``target_scale: rms``): M_k's targets are δ·c / target_rms, O(1) per element
         self.target_rms: torch.Tensor | None = None
+
+    @staticmethod
+    def messages_down(cfg) -> int:
+        """Up to S+1 true gradients travel down while activations travel up."""
+        return 2 * (cfg.decouple.synthetic.staleness + 1)
+
+    def begin_window(self, step: int | None) -> bool:
+        """Warm-up steps use the true gradient alone; they, checkpoint steps and the last step drain the window."""
+        if step is None:
+            return False
+        t = self.cfg.train
+        self.use_true = step < self.options.warmup_steps
+        return self.use_true or step + 1 == t.max_steps or bool(t.save_every and (step + 1) % t.save_every == 0)
 
     # ------------------------------------------------------------------ one micro-batch
     def forward_backward(self, batch, inputs, normalizers, autocast) -> dict[str, torch.Tensor]:
@@ -273,8 +289,6 @@ class SyntheticStageMixin:
             return
         from safetensors.torch import load_file
 
-        from ..checkpoint import CheckpointError
-
         try:
             self.module.load_state_dict(load_file(str(directory / SYNTHETIC_FILE)))
             state = torch.load(directory / "synthetic_state.pt", weights_only=False)
@@ -285,5 +299,5 @@ class SyntheticStageMixin:
                                   f"{type(e).__name__}: {e}") from e
 
 
-__all__ = ["SyntheticGradient", "NoHead", "token_cosine", "center_on_targets", "SyntheticStageMixin", "SYNTHETIC_FILE",
+__all__ = ["SyntheticGradient", "NoHead", "token_cosine", "center_on_targets", "SyntheticStage", "SYNTHETIC_FILE",
            "SYNTHETIC_EXPORT_FILE"]

@@ -1,4 +1,4 @@
-"""Run ``fit_decoupled`` on in-memory toy blocks (no corpus, no data cache), alone or under torchrun.
+"""Run ``fit`` on in-memory toy blocks (no corpus, no data cache), alone or under torchrun.
 
 usage: decouple_worker.py TESTS_DIR OUTPUT_DIR [key.sub=value ...]
 The base config is a tiny 4-layer MLM BERT, dropout 0; overrides are dotted keys as on the pretrain command line.
@@ -16,7 +16,8 @@ sys.path.insert(0, sys.argv[1])
 from helpers import make_tokenizer, packed_examples  # noqa: E402
 
 from pretrain.config import config_from_dict, parse_overrides, _set_dotted  # noqa: E402
-from pretrain.decouple import fit_decoupled, runtime  # noqa: E402
+import pretrain.export  # noqa: E402
+from pretrain.trainer import fit  # noqa: E402
 
 
 class SlowBlocks(list):
@@ -44,7 +45,7 @@ def skip_roundtrip(*args, **kwargs):
 
 def main(output_dir: str, overrides: list[str]):
     if os.environ.get("SKIP_ROUNDTRIP") == "1":
-        runtime.roundtrip_check = skip_roundtrip
+        pretrain.export.roundtrip_check = skip_roundtrip
     tree = base_config(output_dir)
     for key, value in parse_overrides(overrides):
         _set_dotted(tree, key, value)
@@ -53,7 +54,7 @@ def main(output_dir: str, overrides: list[str]):
     blocks = packed_examples(tok, 72, length=32)
     data = types.SimpleNamespace(tokenizer=tok, train=SlowBlocks(blocks[:64]), validation=blocks[64:],
                                  unigram_counts=None)
-    fit_decoupled(cfg, data=data)
+    fit(cfg, data=data)
 
 
 if __name__ == "__main__":

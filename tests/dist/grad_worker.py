@@ -16,7 +16,7 @@ from helpers import make_tokenizer, packed_examples, tiny_model_config  # noqa: 
 from objectives import get_objective  # noqa: E402
 from pretrain.data.stream import StreamBatchSampler  # noqa: E402
 from pretrain.fast import apply_fast_path, compile_step  # noqa: E402
-from pretrain.trainer import PretrainModule, accumulate_gradients  # noqa: E402
+from pretrain.steps.backprop import PretrainModule, accumulate_gradients  # noqa: E402
 
 
 def main(objective_name: str, out_path: str, mode: str = "eager", n_micro: int = 1):

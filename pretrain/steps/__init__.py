@@ -1,0 +1,33 @@
+"""Step strategies: how the one training loop (``pretrain.trainer.fit``) takes an optimizer step.
+
+``backprop`` (``decouple.mode: none``): end-to-end backpropagation under accelerate (DDP, mixed precision,
+accumulation, EWC). ``decoupled`` (every mode of ``pretrain.decouple.modes.DECOUPLING``): the chunk pipeline with its
+own ``torch.distributed`` process layout (DESIGN §4: no DDP on chunks). Benchmarks and the LR range test build their
+steps here too, so they measure the very step the trainer runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import StepStrategy, seed_everything
+
+#: strategy name -> "module:Class" (imported on demand)
+STEPS = {
+    "backprop": "pretrain.steps.backprop:BackpropStep",
+    "decoupled": "pretrain.steps.decoupled:DecoupledStep",
+}
+
+
+def step_kind(decouple_mode: str) -> str:
+    """The strategy of ``decouple.mode``: ``backprop`` for none, ``decoupled`` for every decoupling mode."""
+    return "backprop" if decouple_mode == "none" else "decoupled"
+
+
+def build_step(cfg) -> StepStrategy:
+    """The step strategy of ``cfg`` (``decouple.mode``), with its processes launched or joined."""
+    module, name = STEPS[step_kind(cfg.decouple.mode)].split(":")
+    return getattr(importlib.import_module(module), name)(cfg)
+
+
+__all__ = ["STEPS", "StepStrategy", "build_step", "seed_everything", "step_kind"]
