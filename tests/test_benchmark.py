@@ -1,4 +1,4 @@
-"""scripts/benchmark.py: every suite runs on CPU and its rows are consistent (no timing claims); the step suite's arms
+"""scripts/benchmark.py (pretrain/bench): every suite runs on CPU and its rows are consistent (no timing claims); the step suite's arms
 agree on their first loss from identical weights."""
 
 from __future__ import annotations
@@ -44,16 +44,18 @@ def test_step_suite_runs_every_arm_with_equal_first_losses(benchmark, tmp_path, 
         assert base["ratio"] == 1.0
 
 
-def test_state_bytes_counts_parameters_and_optimizer_state_once(benchmark):
+def test_state_bytes_counts_parameters_and_optimizer_state_once():
     import torch
+
+    from pretrain.bench.step import state_bytes
 
     layer = torch.nn.Linear(4, 3)  # 15 parameters
     optimizer = torch.optim.AdamW(layer.parameters())
-    assert benchmark.state_bytes([*layer.parameters(), layer.weight], optimizer) == 15 * 4
+    assert state_bytes([*layer.parameters(), layer.weight], optimizer) == 15 * 4
     layer(torch.ones(2, 4)).sum().backward()
     optimizer.step()  # exp_avg and exp_avg_sq per parameter (fp32) and a scalar step count each
     steps = sum(st["step"].numel() * st["step"].element_size() for st in optimizer.state.values())
-    assert benchmark.state_bytes(layer.parameters(), optimizer) == 3 * 15 * 4 + steps
+    assert state_bytes(layer.parameters(), optimizer) == 3 * 15 * 4 + steps
 
 
 def test_e2e_suite_runs_the_trainer_and_its_pure_step(benchmark, tmp_path, one_thread):

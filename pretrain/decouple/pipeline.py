@@ -222,6 +222,8 @@ class Pipeline:
         return state
 
     def close(self) -> None:
+        """Receive the replies still outstanding (synthetic: true gradients), then wait for this process's sends."""
+        self.exchange_gradients(drain=True)
         if self.link is not None:
             self.link.flush()
 

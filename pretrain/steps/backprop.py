@@ -81,18 +81,27 @@ class BackpropStep(StepStrategy):
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
-    def build(self, objective, collator, out_dir: Path, tokenizer) -> nn.Module:
-        cfg, a = self.cfg, self.accelerator
-        self.collator = collator
+    def build(self, objective, collator, out_dir: Path | None, tokenizer) -> nn.Module:
+        cfg = self.cfg
         model = objective.build_model(cfg.model)
-        fast = fast_enabled(cfg.model, a.device)
-        if fast:  # static shapes, fused encoders (pretrain/fast.py); the step is compiled once wrapped, below
+        fast = fast_enabled(cfg.model, self.device)
+        if fast:  # static shapes, fused encoders (pretrain/fast.py); the step is compiled once wrapped
             apply_fast_path(model, objective, cfg.data.block_size)
+        self.prepare(model, objective, collator, out_dir, tokenizer, compile=fast)
+        return model
+
+    def prepare(self, model: nn.Module, objective, collator, out_dir: Path | None = None, tokenizer=None,
+                compile: bool = False) -> None:
+        """The step around an already built ``model`` (``build``; benchmarks apply the fast path's levers one by
+        one): continued-pretraining weights and EWC (``train.ewc``; F and θ* cached in ``out_dir``), AdamW,
+        accelerate's wrapping, and ``compile`` the wrapped step (``pretrain.fast.compile_step``)."""
+        a = self.accelerator
+        self.collator = collator
         module = PretrainModule(model, objective)
-        self.ewc = prepare_continued(cfg, module, tokenizer, out_dir, a)  # source weights; F and θ* for λ > 0
-        optimizer = build_optimizer(module, cfg.train, a.device.type)
+        self.ewc = prepare_continued(self.cfg, module, tokenizer, out_dir, a)  # source weights; F, θ* for λ > 0
+        optimizer = build_optimizer(module, self.cfg.train, a.device.type)
         self.module, self.optimizer = a.prepare(module, optimizer)
-        if fast:
+        if compile:
             compile_step(self.module)
         if self.ewc is not None:
             a.register_for_checkpointing(self.ewc)  # every checkpoint carries F and θ*
@@ -100,7 +109,6 @@ class BackpropStep(StepStrategy):
         self.skipped = torch.zeros((), device=a.device)  # updates skipped on a non-finite norm (on the device)
         self.grad_norm = torch.zeros((), device=a.device)
         self.module.train()
-        return model
 
     def train_step(self, micro_batches: list[dict], lr: float, step: int) -> None:
         t, a = self.cfg.train, self.accelerator
