@@ -2,6 +2,8 @@
 
 Each objective is a pure ``nn.Module``: ``collate(examples)`` masks on the CPU, ``build_model(model_config)`` creates
 the stock ``transformers`` model(s), ``obj(model, batch)`` returns a dict with ``loss`` and named parts.
+``OBJECTIVES`` names each objective's class and options dataclass (the config section ``objective.<name>``);
+``register_objective`` adds one (e.g. from a test or a plugin module).
 """
 
 from __future__ import annotations
@@ -11,21 +13,48 @@ import importlib
 
 from .base import IGNORE_INDEX, Objective
 
-#: objective name -> (module, class); modules are imported on demand
-OBJECTIVES = {
-    "mlm": ("objectives.mlm", "MLMObjective"),
-    "span": ("objectives.span", "SpanObjective"),
-    "electra": ("objectives.electra", "ElectraObjective"),
+#: objective name -> (objective class, options dataclass), each a class or a "module:Class" string imported on demand
+OBJECTIVES: dict[str, tuple[type | str, type | str]] = {
+    "mlm": ("objectives.mlm:MLMObjective", "objectives.mlm:MLMConfig"),
+    "span": ("objectives.span:SpanObjective", "objectives.span:SpanConfig"),
+    "electra": ("objectives.electra:ElectraObjective", "objectives.electra:ElectraConfig"),
 }
 
 
-def objective_class(name: str) -> type[Objective]:
+def resolve(ref: type | str) -> type:
+    """A class, or the class a ``"module:Class"`` string names (its module imported now)."""
+    if isinstance(ref, str):
+        module, _, name = ref.partition(":")
+        return getattr(importlib.import_module(module), name)
+    return ref
+
+
+def register_objective(name: str, objective_cls: type[Objective] | str, options_cls: type | str) -> None:
+    """Make ``objective.name: <name>`` train ``objective_cls`` with the options dataclass ``options_cls`` (the config
+    section ``objective.<name>``; its fields are the keyword arguments of ``objective_cls(tokenizer, seed, ...)``).
+    An objective may declare ``decouple_modes`` (the decoupling modes it supports; default: all)."""
+    if not name.isidentifier():
+        raise ValueError(f"objective name {name!r} must be an identifier (it is a config key: objective.{name})")
+    if name in OBJECTIVES:
+        raise ValueError(f"objective '{name}' is already registered; choose another name")
+    OBJECTIVES[name] = (objective_cls, options_cls)
+
+
+def _entry(name: str) -> tuple[type | str, type | str]:
     if name not in OBJECTIVES:
         close = difflib.get_close_matches(name, list(OBJECTIVES), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ValueError(f"unknown objective '{name}'{hint}; choose one of: {', '.join(OBJECTIVES)}")
-    module, cls = OBJECTIVES[name]
-    return getattr(importlib.import_module(module), cls)
+    return OBJECTIVES[name]
+
+
+def objective_class(name: str) -> type[Objective]:
+    return resolve(_entry(name)[0])
+
+
+def options_class(name: str) -> type:
+    """The options dataclass of objective ``name`` (its config section)."""
+    return resolve(_entry(name)[1])
 
 
 def get_objective(name: str, tokenizer, seed: int = 0, **options) -> Objective:
@@ -33,4 +62,5 @@ def get_objective(name: str, tokenizer, seed: int = 0, **options) -> Objective:
     return objective_class(name)(tokenizer, seed=seed, **options)
 
 
-__all__ = ["IGNORE_INDEX", "OBJECTIVES", "Objective", "get_objective", "objective_class"]
+__all__ = ["IGNORE_INDEX", "OBJECTIVES", "Objective", "get_objective", "objective_class", "options_class",
+           "register_objective", "resolve"]

@@ -1,30 +1,34 @@
-"""Typed configuration: a dataclass tree loaded from YAML with dotted command-line overrides.
+"""Typed configuration: the schema (a dataclass tree) and the functions that load, save and compare it.
 
 ``load_config("configs/tiny.yaml", ["train.lr=3e-4"])`` returns a validated :class:`Config`. Every problem in a
 file or override (unknown key, with the closest valid key; wrong type; invalid value) is collected and raised once
-as a :class:`ConfigError`. ``save_config`` writes the resolved tree back to YAML.
+as a :class:`ConfigError`. ``save_config`` writes the resolved tree back to YAML. The YAML <-> dataclass engine is
+``pretrain.config_io``; the option sections of the objectives and decoupling modes come from their registries
+(``objectives.OBJECTIVES``, ``pretrain.decouple.modes.DECOUPLING``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import os
 import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
-import yaml
+import objectives
 
-from objectives.electra import ElectraConfig
-from objectives.mlm import MLMConfig
-from objectives.span import SpanConfig
+from . import config_io
+from .config_io import ConfigError, HasSections, changed_fields, choice, parse_overrides, sections
+from .config_io import set_dotted as _set_dotted  # noqa: F401  (tests/dist/decouple_worker.py imports it from here)
+from .decouple import modes
 
 
-class ConfigError(ValueError):
-    """One or more configuration problems; the message lists each, with the fix."""
+def _objective_sections() -> dict[str, type]:
+    return {name: objectives.options_class(name) for name in objectives.OBJECTIVES}
+
+
+def _mode_sections() -> dict[str, type | None]:
+    return {name: modes.options_class(name) for name in modes.DECOUPLING}
 
 
 @dataclass
@@ -115,12 +119,11 @@ class ModelConfig:
 
 
 @dataclass
-class ObjectiveConfig:
-    name: Literal["mlm", "span", "electra"] = "mlm"
-    """Which objective trains the model."""
-    mlm: MLMConfig = field(default_factory=MLMConfig)
-    span: SpanConfig = field(default_factory=SpanConfig)
-    electra: ElectraConfig = field(default_factory=ElectraConfig)
+class ObjectiveConfig(HasSections):
+    name: str = choice(lambda: objectives.OBJECTIVES, "mlm")
+    """Which objective trains the model: a name in ``objectives.OBJECTIVES`` (mlm, span, electra, or registered)."""
+    sections: types.SimpleNamespace = sections(_objective_sections)
+    """One options section per objective (``objective.mlm``, ``objective.span``, ...), all kept in config.yaml."""
 
     def options(self) -> dict[str, Any]:
         """The chosen objective's options as keyword arguments for ``get_objective``."""
@@ -235,57 +238,10 @@ class TrainConfig:
 
 
 @dataclass
-class SyntheticConfig:
-    """Synthetic-gradient modules of ``decouple.mode: synthetic`` (DNI; Jaderberg et al. 2017, Czarnecki et al. 2017):
-    at every boundary k, M_k(h, context) predicts dL/dh for chunk k's output h [B, L, H]."""
-
-    context: Literal["labels", "none"] = "labels"
-    """labels = cDNI: M_k also sees an embedding of each position's target id (its own table; "no target" at
-    unmasked positions); none = h only (given h alone the expected MLM gradient is ~0, DESIGN.md §4)."""
-    arch: Literal["linear", "mlp", "layer"] = "mlp"
-    """M_k's body before its zero-initialised output projection: none (linear), dense 2H + GeLU (mlp), or one
-    transformer layer over the sequence (layer)."""
-    lr: float = 1.0e-3
-    """Constant learning rate of M_k's own AdamW (no weight decay)."""
-    target_scale: Literal["rms", "count", "none"] = "rms"
-    """What M_k regresses (its output is divided back before use). count: dL/dh × the window's masked-token count
-    (the gradient of the summed, not averaged, loss: independent of the batch size); rms: that, divided by its
-    running RMS (EMA 0.99), so targets are O(1) per element whatever the model width or decoder scale; none:
-    dL/dh itself (~1e-5 per element: Adam-trained M_k overshoots such tiny targets)."""
-    warmup_steps: int = 0
-    """Optimizer steps at the start during which chunks 0..K-2 wait for and use the true gradient (M_k trains)."""
-    mix: float = 0.0
-    """λ: when the true gradient δ of a micro-batch arrives before the chunk's optimizer step, the chunk updates
-    from λ·δ + (1-λ)·prediction (it keeps that micro-batch's graph until then); 0 = prediction only."""
-    staleness: int = 1
-    """S: chunk k runs at most S micro-batches ahead of the true gradients from chunk k+1 (it must receive the
-    gradient of micro-batch t-S after computing t). S=0 with mix=1 is backprop."""
-    center: bool = False
-    """Remove, per block, the mean of the prediction over the positions that carry a target (labels != -100)
-    from the prediction at those positions before it is used: the component shared by all of a block's tokens,
-    which pulls them towards one vector (the collapse of DESIGN.md §4). The true gradient's shared part is dropped
-    with it (about a tenth of its energy at masked positions in our runs)."""
-    collapse_penalty: float = 0.0
-    """β: chunk k also minimises β × the mean token-to-token cosine of its output (``chunk{k}_token_cos``, 1 = every
-    token of a block on one vector), a local regulariser against the collapse; 0 = off."""
-
-    def __post_init__(self):
-        if self.lr <= 0:
-            raise ValueError(f"decouple.synthetic.lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.mix <= 1.0:
-            raise ValueError(f"decouple.synthetic.mix (λ, weight of the true gradient) must be in [0, 1], "
-                             f"got {self.mix}")
-        if self.collapse_penalty < 0:
-            raise ValueError(f"decouple.synthetic.collapse_penalty must be >= 0, got {self.collapse_penalty}")
-        for name in ("warmup_steps", "staleness"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"decouple.synthetic.{name} must be >= 0, got {getattr(self, name)}")
-
-
-@dataclass
-class DecoupleConfig:
-    mode: Literal["none", "local", "synthetic"] = "none"
-    """none = end-to-end backprop; local = every chunk learns from its own auxiliary loss; synthetic = DNI."""
+class DecoupleConfig(HasSections):
+    mode: str = choice(lambda: modes.DECOUPLING, "none", extra=("none",))
+    """none = end-to-end backprop; local = every chunk learns from its own auxiliary loss; synthetic = DNI; or a mode
+    registered in ``pretrain.decouple.modes.DECOUPLING``."""
     chunks: int = 1
     """K: number of contiguous chunks the encoder (embeddings + layers) is cut into."""
     boundaries: str | list[int] = "auto"
@@ -299,8 +255,8 @@ class DecoupleConfig:
     freeze_lower: bool = False
     """local only, the control arm of DESIGN.md §4: chunks 0..K-2 keep their random initialisation (forward only,
     no updates) and only the last chunk trains, on their frozen features."""
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    """Options of mode synthetic (synthetic-gradient modules, staleness)."""
+    sections: types.SimpleNamespace = sections(_mode_sections)
+    """Options of the modes that have them (``decouple.synthetic``: synthetic-gradient modules, staleness)."""
 
     def __post_init__(self):
         if self.chunks < 1:
@@ -313,11 +269,11 @@ class DecoupleConfig:
                              "(it freezes chunks 0..K-2)")
         if self.mode == "synthetic" and self.chunks < 2:
             raise ValueError("decouple.mode=synthetic needs decouple.chunks >= 2 (a boundary to predict gradients at)")
-        if self.mode != "synthetic" and self.synthetic != SyntheticConfig():
-            changed = [f.name for f in dataclasses.fields(SyntheticConfig)
-                       if getattr(self.synthetic, f.name) != getattr(SyntheticConfig(), f.name)]
-            raise ValueError(f"decouple.synthetic.{changed[0]} is set but decouple.mode={self.mode}: set "
-                             "decouple.mode=synthetic or remove the decouple.synthetic options")
+        for name, options in vars(self.sections).items():
+            changed = changed_fields(options) if name != self.mode else []
+            if changed:
+                raise ValueError(f"decouple.{name}.{changed[0]} is set but decouple.mode={self.mode}: set "
+                                 f"decouple.mode={name} or remove the decouple.{name} options")
         if self.mode == "synthetic" and self.aux_head != "decoder":
             raise ValueError("decouple.aux_head applies to mode local only; synthetic chunks have no auxiliary head")
         if isinstance(self.boundaries, str) and self.boundaries != "auto":
@@ -366,180 +322,25 @@ class Config:
             raise ValueError("no corpus: set data.files (local files), data.dataset (hub name) or data.demo")
 
 
-# --------------------------------------------------------------------------- generic dataclass <-> dict
-
-
-def _is_dataclass_type(tp) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; int -> float is the only silent conversion."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, key)
-            except TypeError as e:
-                errors.append(str(e))
-        names = " or ".join(_type_name(a) for a in typing.get_args(tp))
-        raise TypeError(f"{key}: expected {names}, got {value!r}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise TypeError(f"{key}: expected null, got {value!r}")
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        choices = ", ".join(map(str, typing.get_args(tp)))
-        close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise TypeError(f"{key}: {value!r} is not one of {choices}{hint}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise TypeError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise TypeError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise TypeError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError(f"{key}: expected a string, got {value!r}")
-    raise TypeError(f"{key}: unsupported annotation {tp}")
-
-
-def _type_name(tp) -> str:
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _yaml_key(f: dataclasses.Field) -> str:
-    """A field's key in YAML: its name, or ``metadata["key"]`` where the name cannot be a Python identifier
-    (``train.ewc.lambda`` is the field ``lam``)."""
-    return f.metadata.get("key", f.name)
-
-
-def _build(cls, data: dict, prefix: str, errors: list[str]):
-    """Build dataclass ``cls`` from ``data``, appending every problem found to ``errors``."""
-    if not isinstance(data, dict):
-        errors.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-        return None
-    hints = typing.get_type_hints(cls)
-    fields = {_yaml_key(f): f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
-            errors.append(f"unknown key '{prefix}{key}'{hint}")
-            continue
-        name = fields[key].name
-        tp = hints[name]
-        if _is_dataclass_type(tp):
-            sub = _build(tp, value if value is not None else {}, f"{prefix}{key}.", errors)
-            if sub is not None:
-                kwargs[name] = sub
-            continue
-        try:
-            kwargs[name] = _coerce(value, tp, prefix + key)
-        except TypeError as e:
-            errors.append(str(e))
-    if errors:
-        return None
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        errors.append(str(e))
-        return None
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    node = tree
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[leaf] = value
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """``["train.lr=3e-4", "data.files=[a.txt,b.txt]"]`` -> [(dotted key, YAML-parsed value)]."""
-    parsed = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key.sub=value (e.g. train.lr=3e-4)")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        parsed.append((key.strip(), value))
-    return parsed
-
-
-def _fix_yaml_floats(node: Any) -> Any:
-    """YAML 1.1 reads ``1e-4`` as a string; turn such strings back into floats."""
-    if isinstance(node, dict):
-        return {k: _fix_yaml_floats(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_fix_yaml_floats(v) for v in node]
-    if isinstance(node, str):
-        try:
-            if any(c in node for c in "eE") and any(c.isdigit() for c in node):
-                return float(node)
-        except ValueError:
-            return node
-    return node
-
-
 def config_from_dict(data: dict) -> Config:
-    errors: list[str] = []
-    cfg = _build(Config, _fix_yaml_floats(data), "", errors)
-    if errors:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
-    return cfg
+    """A validated :class:`Config` from plain data (a parsed YAML tree); raises :class:`ConfigError`."""
+    return config_io.build_root(Config, data)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or defaults when ``path`` is None) and apply dotted overrides."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(data, key, value)
-    return config_from_dict(data)
+    return config_from_dict(config_io.read_tree(path, overrides))
 
 
 def config_to_dict(cfg: Config) -> dict:
     """The config as plain data under its YAML keys (what ``config_from_dict`` reads back)."""
-    if dataclasses.is_dataclass(cfg):
-        return {_yaml_key(f): config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, list):
-        return [config_to_dict(v) for v in cfg]
-    return cfg
+    return config_io.to_dict(cfg)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config atomically (temporary file + rename): the other processes of a launch read it
     while the main one writes it, and must see either no file or a whole one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    config_io.write_yaml_atomic(config_to_dict(cfg), path)
 
 
 #: keys that may change between a run and its resumption (anything else must match the saved config)
@@ -548,14 +349,11 @@ RESUMABLE_CHANGES = ("train.max_steps", "train.eval_every", "train.save_every", 
                      "decouple.runtime", "model.fast")
 
 
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+def config_differences(old: dict, new: dict) -> list[str]:
     """Dotted keys whose values differ between two config dicts, ignoring ``RESUMABLE_CHANGES``."""
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        dotted = prefix + key
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += config_differences(a, b, dotted + ".")
-        elif a != b and not any(dotted == k or (k.endswith(".") and dotted.startswith(k)) for k in RESUMABLE_CHANGES):
-            diffs.append(f"{dotted}: {a!r} -> {b!r}")
-    return diffs
+    return config_io.differences(old, new, RESUMABLE_CHANGES)
+
+
+__all__ = ["RESUMABLE_CHANGES", "Config", "ConfigError", "DataConfig", "DecoupleConfig", "EWCConfig", "LogConfig",
+           "ModelConfig", "ObjectiveConfig", "TokenizerConfig", "TrainConfig", "config_differences",
+           "config_from_dict", "config_to_dict", "load_config", "parse_overrides", "save_config"]

@@ -139,7 +139,8 @@ def test_compiled_decoupled_chunks_train_on_the_gpu_like_the_eager_ones(tokenize
     fast chunks (static shapes, fused layers, each chunk compiled) train, and their first-step losses, from the same
     weights, equal the eager chunks' within bf16 rounding (as the stock-model comparison above)."""
     from pretrain.config import config_from_dict
-    from pretrain.decouple import Pipeline, build_chunked_model
+    from pretrain.decouple.pipeline import Pipeline
+    from pretrain.decouple.run import build_chunked_model
     from pretrain.decouple.layout import Layout
     from pretrain.decouple.pipeline import window_normalizers
     from pretrain.fast import apply_fast_path_to_chunks

@@ -44,7 +44,7 @@ def micro_batches(collator, tok, n_micro=2, size=4):
 
 
 def test_auto_boundaries_balance_layers_and_explicit_ones_are_used():
-    from pretrain.decouple import layer_ranges
+    from pretrain.decouple.chunks import layer_ranges
 
     assert layer_ranges(4, 1) == [(0, 4)]
     assert layer_ranges(4, 2) == [(0, 2), (2, 4)]
@@ -88,7 +88,7 @@ def test_decoupled_local_yaml_parses():
 def test_scaling_one_chunks_loss_leaves_every_other_chunks_gradients_bit_identical(objective, aux_head):
     """Invariant (1) of DESIGN.md §4, with dropout on: no gradient crosses a boundary, and nothing a chunk computes
     (its outputs, ELECTRA's samples) depends on the loss scale of another chunk."""
-    from pretrain.decouple import build_chunked_model
+    from pretrain.decouple.run import build_chunked_model
     from pretrain.decouple.pipeline import window_normalizers
 
     tok = make_tokenizer()
@@ -121,7 +121,7 @@ def test_scaling_one_chunks_loss_leaves_every_other_chunks_gradients_bit_identic
 
 
 def test_chunks_own_disjoint_parameters_covering_the_model_and_decoders_are_untied():
-    from pretrain.decouple import build_chunked_model
+    from pretrain.decouple.run import build_chunked_model
 
     torch.manual_seed(0)
     model, _ = build_chunked_model(make_cfg(objective="span", chunks=2, aux_head="layer"), make_tokenizer())
@@ -152,7 +152,8 @@ def test_one_chunk_local_training_equals_ordinary_backprop(objective, schedule):
     from accelerate import Accelerator
 
     from objectives import get_objective
-    from pretrain.decouple import Pipeline, build_chunked_model
+    from pretrain.decouple.pipeline import Pipeline
+    from pretrain.decouple.run import build_chunked_model
     from pretrain.decouple.layout import Layout
     from pretrain.decouple.pipeline import window_normalizers
     from pretrain.schedules import apply_schedule, lr_for
@@ -203,7 +204,8 @@ def test_one_chunk_local_training_equals_ordinary_backprop(objective, schedule):
 
 
 def test_freeze_lower_keeps_lower_chunks_at_their_initialisation():
-    from pretrain.decouple import Pipeline, build_chunked_model
+    from pretrain.decouple.pipeline import Pipeline
+    from pretrain.decouple.run import build_chunked_model
     from pretrain.decouple.layout import Layout
     from pretrain.decouple.pipeline import window_normalizers
 

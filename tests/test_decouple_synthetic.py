@@ -37,7 +37,8 @@ def steps_of_batches(collator, tok, steps=3, n_micro=2, size=4):
 
 
 def build(cfg, tok):
-    from pretrain.decouple import Pipeline, build_chunked_model
+    from pretrain.decouple.pipeline import Pipeline
+    from pretrain.decouple.run import build_chunked_model
     from pretrain.decouple.layout import Layout
 
     torch.manual_seed(0)
@@ -64,7 +65,7 @@ def end_to_end_gradients(model, micro, norms):
 def backprop_reference(cfg, tok, steps):
     """Ordinary backprop on the same chunked model: the loss's gradient flows through every boundary; each chunk
     clips its own gradients and steps its own AdamW (as the runtime does). Returns (losses, parameters)."""
-    from pretrain.decouple import build_chunked_model
+    from pretrain.decouple.run import build_chunked_model
     from pretrain.decouple.pipeline import window_normalizers
     from pretrain.optim import build_optimizer
 
@@ -178,7 +179,8 @@ def test_staleness_zero_with_full_mixing_is_backprop():
 def test_zero_synthetic_gradient_reproduces_the_frozen_lower_chunk_control():
     """M_0 ≡ 0: chunk 0 never moves and chunk 1 trains exactly like ``freeze_lower`` (weight decay 0: AdamW's
     decoupled decay would shrink chunk 0's weights even with a zero gradient)."""
-    from pretrain.decouple import Pipeline, build_chunked_model
+    from pretrain.decouple.pipeline import Pipeline
+    from pretrain.decouple.run import build_chunked_model
     from pretrain.decouple.layout import Layout
     from pretrain.decouple.pipeline import window_normalizers
 
@@ -248,7 +250,7 @@ def test_synthetic_module_math_is_fp32_under_bf16_autocast():
     it executes and fails on a bf16 one: the check cannot take the test process down."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from pretrain.decouple import build_chunked_model
+    from pretrain.decouple.run import build_chunked_model
 
     matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
                torch.ops.aten.baddbmm.default, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
@@ -473,7 +475,7 @@ def test_bad_synthetic_configs_fail_naming_the_fix(tree, message):
 
 
 def test_electra_with_synthetic_gradients_is_refused_naming_local_mode():
-    from pretrain.decouple import build_chunked_model
+    from pretrain.decouple.run import build_chunked_model
 
     tree = decouple_worker.base_config("unused")
     tree["objective"] = {"name": "electra"}

@@ -274,7 +274,7 @@ def test_fast_chunks_give_the_eager_chunks_losses_and_gradients(tokenizer, objec
     parameter's gradient equal the eager chunks', and so does the gradient a synthetic-mode chunk leaves on its
     input; names are unchanged."""
     from pretrain.config import config_from_dict
-    from pretrain.decouple import build_chunked_model
+    from pretrain.decouple.run import build_chunked_model
     from pretrain.decouple.pipeline import window_normalizers
     from pretrain.fast import apply_fast_path_to_chunks
 

@@ -43,7 +43,7 @@ from ..schedules import momentum_for
 from .chunks import ChunkedModel
 from .layout import Layout
 from .link import TAG_METRICS, TAG_SAVED, Link
-from .modes import mode_stage
+from .modes import stage_class
 
 
 class Pipeline:
@@ -51,10 +51,10 @@ class Pipeline:
 
     def __init__(self, model: ChunkedModel, cfg: Config, layout: Layout, device: torch.device):
         self.model, self.cfg, self.layout, self.device = model, cfg, layout, device
-        stage_class = mode_stage(cfg.decouple.mode)
-        self.stages = [stage_class(model, k, cfg, device, layout.dp_index) for k in layout.local_chunks]
+        stage = stage_class(cfg.decouple.mode)
+        self.stages = [stage(model, k, cfg, device, layout.dp_index) for k in layout.local_chunks]
         # 4 activation sends, plus what the mode sends down (synthetic: up to S+1 true gradients) meanwhile
-        in_flight = 4 + stage_class.messages_down(cfg)
+        in_flight = 4 + stage.messages_down(cfg)
         self.link = Link(layout, device, in_flight) if layout.runtime == "distributed" else None
         precision = cfg.train.precision
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

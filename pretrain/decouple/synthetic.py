@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -31,6 +32,55 @@ from objectives.base import IGNORE_INDEX, bert_init_
 
 from ..checkpoint import CheckpointError
 from .stage import Stage
+
+
+@dataclass
+class SyntheticConfig:
+    """Synthetic-gradient modules of ``decouple.mode: synthetic`` (DNI; Jaderberg et al. 2017, Czarnecki et al. 2017):
+    at every boundary k, M_k(h, context) predicts dL/dh for chunk k's output h [B, L, H]."""
+
+    context: Literal["labels", "none"] = "labels"
+    """labels = cDNI: M_k also sees an embedding of each position's target id (its own table; "no target" at
+    unmasked positions); none = h only (given h alone the expected MLM gradient is ~0, DESIGN.md §4)."""
+    arch: Literal["linear", "mlp", "layer"] = "mlp"
+    """M_k's body before its zero-initialised output projection: none (linear), dense 2H + GeLU (mlp), or one
+    transformer layer over the sequence (layer)."""
+    lr: float = 1.0e-3
+    """Constant learning rate of M_k's own AdamW (no weight decay)."""
+    target_scale: Literal["rms", "count", "none"] = "rms"
+    """What M_k regresses (its output is divided back before use). count: dL/dh × the window's masked-token count
+    (the gradient of the summed, not averaged, loss: independent of the batch size); rms: that, divided by its
+    running RMS (EMA 0.99), so targets are O(1) per element whatever the model width or decoder scale; none:
+    dL/dh itself (~1e-5 per element: Adam-trained M_k overshoots such tiny targets)."""
+    warmup_steps: int = 0
+    """Optimizer steps at the start during which chunks 0..K-2 wait for and use the true gradient (M_k trains)."""
+    mix: float = 0.0
+    """λ: when the true gradient δ of a micro-batch arrives before the chunk's optimizer step, the chunk updates
+    from λ·δ + (1-λ)·prediction (it keeps that micro-batch's graph until then); 0 = prediction only."""
+    staleness: int = 1
+    """S: chunk k runs at most S micro-batches ahead of the true gradients from chunk k+1 (it must receive the
+    gradient of micro-batch t-S after computing t). S=0 with mix=1 is backprop."""
+    center: bool = False
+    """Remove, per block, the mean of the prediction over the positions that carry a target (labels != -100)
+    from the prediction at those positions before it is used: the component shared by all of a block's tokens,
+    which pulls them towards one vector (the collapse of DESIGN.md §4). The true gradient's shared part is dropped
+    with it (about a tenth of its energy at masked positions in our runs)."""
+    collapse_penalty: float = 0.0
+    """β: chunk k also minimises β × the mean token-to-token cosine of its output (``chunk{k}_token_cos``, 1 = every
+    token of a block on one vector), a local regulariser against the collapse; 0 = off."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"decouple.synthetic.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.mix <= 1.0:
+            raise ValueError(f"decouple.synthetic.mix (λ, weight of the true gradient) must be in [0, 1], "
+                             f"got {self.mix}")
+        if self.collapse_penalty < 0:
+            raise ValueError(f"decouple.synthetic.collapse_penalty must be >= 0, got {self.collapse_penalty}")
+        for name in ("warmup_steps", "staleness"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"decouple.synthetic.{name} must be >= 0, got {getattr(self, name)}")
+
 
 #: checkpoint file of M_k (per chunk directory) and export file of all of them (beside the HF weights)
 SYNTHETIC_FILE, SYNTHETIC_EXPORT_FILE = "synthetic.safetensors", "synthetic_gradients.safetensors"
