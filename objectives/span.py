@@ -33,6 +33,9 @@ Batch layout (per token, [B, L], like ``labels``): ``sbo_left`` / ``sbo_right`` 
 right of the token's span (s-1, e+1), ``sbo_pos`` = i - s (0-based row of the position embedding, the paper's
 p_{i-s+1}); all three are -1 where the token has no SBO term (unmasked, no valid boundary, position too large, or
 padding). The SBO target is ``labels`` at the same position.
+
+Split protocol: MLM's (``objectives.mlm``), with :class:`FinalSpanHead` on the last chunk; with K > 1 its SBO head
+reads the untied decoder matrix (a copy of the input embeddings at the start) instead of the input embeddings.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .base import IGNORE_INDEX, Objective, build_options, encoder_attention_mask
-from .mlm import MLMObjective
+from .mlm import FinalMLMHead, MLMObjective
 
 #: file written next to the Hugging Face export
 SBO_HEAD_FILE = "sbo_head.safetensors"
@@ -196,6 +199,25 @@ def load_sbo_head(export_dir: str | Path, map_location: str | torch.device = "cp
     head = SBOHead(**config)
     head.load_state_dict(load_file(str(path), device=str(map_location)))
     return head.to(map_location)
+
+
+class FinalSpanHead(FinalMLMHead):
+    """The last chunk's head: MLM (:class:`~objectives.mlm.FinalMLMHead`) plus the SBO head, whose vocabulary matrix
+    is the decoder's (= the word embeddings when K = 1, where they are tied)."""
+
+    def __init__(self, cls: nn.Module, objective: "SpanObjective"):
+        super().__init__(cls, objective)
+        self.sbo_head = objective.sbo_head
+        self.sbo_inputs = objective.sbo_inputs  # a bound method: plain attribute, not a submodule
+
+    def forward(self, hidden, mask, batch, carry):
+        sums, counts, metrics = super().forward(hidden, mask, batch, carry)
+        left, right, positions, targets = self.sbo_inputs(hidden, batch)
+        logits = self.sbo_head(left, right, positions, self.cls.predictions.decoder.weight)
+        sums["sbo_loss"], sbo_correct = Objective.masked_lm_sums(logits, targets)
+        counts["n_sbo"] = (batch["sbo_pos"] >= 0).sum()
+        metrics["sbo_acc"] = sbo_correct / counts["n_sbo"].clamp(min=1)
+        return sums, counts, metrics
 
 
 class SpanObjective(MLMObjective):
@@ -396,6 +418,9 @@ class SpanObjective(MLMObjective):
         extra = {"mlm_acc": mlm_correct / counts["n_masked"].clamp(min=1),
                  "sbo_acc": sbo_correct / counts["n_sbo"].clamp(min=1)}
         return self.reduce({"mlm_loss": mlm_sum, "sbo_loss": sbo_sum}, counts, normalizers, extra)
+
+    def final_head(self, model: nn.Module) -> nn.Module:
+        return FinalSpanHead(model.cls, self)
 
     # ---------------------------------------------------------------- model / export
     def build_model(self, model_config) -> nn.Module:

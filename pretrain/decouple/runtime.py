@@ -397,7 +397,7 @@ class Pipeline:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
         hidden = model.chunks[0].config.hidden_size
-        self._carry = {"replaced": torch.uint8} if model.objective_name == "electra" else {}
+        self._carry = dict(model.objective.carry)
         self._hidden = hidden
         #: data-parallel pipelines: the process group of this process's chunk and its replicas (None when D = 1)
         self.replica_group = None
@@ -606,12 +606,12 @@ def export_stitched(model: ChunkedModel, export_dir: Path, tokenizer, cfg: Confi
     if len(model.aux):
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.aux_state_dict().items()}
         meta = {"format": "pt", "aux_head": model.aux_head, "layer_ranges": json.dumps(model.ranges),
-                "objective": model.objective_name}
+                "objective": model.objective.name}
         save_file(tensors, str(export_dir / AUX_HEADS_FILE), metadata=meta)
     if len(model.synthetic):
         tensors = {f"synthetic.{k}": v.detach().float().cpu().contiguous()
                    for k, v in model.synthetic.state_dict().items()}
-        meta = {"format": "pt", "layer_ranges": json.dumps(model.ranges), "objective": model.objective_name}
+        meta = {"format": "pt", "layer_ranges": json.dumps(model.ranges), "objective": model.objective.name}
         save_file(tensors, str(export_dir / SYNTHETIC_EXPORT_FILE), metadata=meta)
     if sample is not None:
         for path, auto_class, reference in model.objective.export_targets(stitched, export_dir):

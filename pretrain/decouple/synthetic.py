@@ -32,8 +32,6 @@ from objectives.base import IGNORE_INDEX, bert_init_
 
 #: checkpoint file of M_k (per chunk directory) and export file of all of them (beside the HF weights)
 SYNTHETIC_FILE, SYNTHETIC_EXPORT_FILE = "synthetic.safetensors", "synthetic_gradients.safetensors"
-#: count whose window total scales the target (the final MLM head's normaliser); ELECTRA is not supported
-SCALE_KEY = "n_masked"
 
 
 class SyntheticGradient(nn.Module):
@@ -108,6 +106,7 @@ def center_on_targets(grad: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class NoHead(nn.Module):
     """Head of a non-final chunk in synthetic mode: no loss (the chunk learns from the predicted gradient)."""
 
+    loss_parts: dict[str, tuple[str, float]] = {}
     metric_counts: dict[str, str] = {}
 
     def forward(self, hidden, mask, batch, carry):
@@ -139,6 +138,8 @@ class SyntheticStageMixin:
     def __init__(self, model, k: int, cfg, device: torch.device):
         super().__init__(model, k, cfg, device, frozen=False)
         self.options = cfg.decouple.synthetic
+        #: count whose window total scales the target (``Objective.synthetic_count_key``, e.g. the masked count)
+        self.scale_key = model.objective.synthetic_count_key
         self.module: SyntheticGradient | None = None if self.chunk.is_final else model.synthetic[k]
         self.sg_optimizer = None
         if self.module is not None:
@@ -171,7 +172,7 @@ class SyntheticStageMixin:
         else:
             features = hidden.detach()
             mask = self.chunk.attention_mask(features, batch)
-            count = normalizers[SCALE_KEY].clamp(min=1) if self.options.target_scale != "none" else \
+            count = normalizers[self.scale_key].clamp(min=1) if self.options.target_scale != "none" else \
                 torch.ones((), device=features.device)
             with torch.no_grad():
                 prediction = self.module(features, batch["labels"], mask) / self._scale(count)
