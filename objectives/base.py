@@ -12,10 +12,28 @@ An objective is a plain ``nn.Module`` that knows nothing about processes or devi
   trainer, the count summed over the whole accumulation window and all processes, so the gradient equals the one of
   the big batch (token-exact).
 * ``counts(batch)`` gives those counts from the collated batch alone, without a forward pass.
+
+The split protocol (``pretrain.fast`` and ``pretrain.decouple`` call it and know no objective by name):
+
+* ``encoders(model) -> [nn.Module]``: the transformer stacks the fast path fuses (each has ``.encoder.layer``).
+* ``split_config(model)``: the HF config of the encoder that is cut into chunks; ``layers(model) -> [nn.Module]``: its
+  L transformer layers, each hidden [B, L, H] -> [B, L, H].
+* ``stem(model)``: chunk 0's input computation, ``forward(batch) -> (hidden [B, L, H], carry, sums, counts,
+  metrics)``; ``carry`` holds the tensors of :attr:`carry` ([B, L] each), which cross every boundary with ``hidden``.
+* ``final_head(model)`` (the last chunk) and ``aux_head(config, extra_layer)`` (a fresh head of a non-final chunk,
+  optionally with one extra transformer layer): ``forward(hidden [B, L, H], mask, batch, carry) -> (sums, counts,
+  metrics)``. Stems and heads declare ``loss_parts`` (part -> (count key, weight)) and ``metric_counts`` like an
+  objective; a chunk combines their sums with ``reduce(..., parts=...)``.
+* ``prepare_split(model, chunks)``: adapt the model before it is cut (e.g. untie what two chunks would share);
+  ``export_copy(model)``: a copy of the stitched model ready for ``export``.
+* ``decouple_modes``: the ``decouple.mode`` values the objective supports. Mode synthetic also needs
+  ``input_embeddings(model)`` ([V, H], its label-conditioning table starts as a copy) and ``synthetic_count_key``
+  (the count whose window total scales the predicted gradients).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 from typing import Any, Mapping, Sequence
@@ -182,16 +200,19 @@ class Objective(nn.Module):
         counts: dict[str, torch.Tensor],
         normalizers: Mapping[str, torch.Tensor] | None,
         extra: dict[str, torch.Tensor] | None = None,
+        parts: Mapping[str, tuple[str, float]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Combine per-part loss sums into ``loss`` and detached per-part means.
 
         sums: part -> summed loss over this batch; counts: count key -> count in this batch;
-        normalizers: count key -> count over the accumulation window and all processes (default: ``counts``).
+        normalizers: count key -> count over the accumulation window and all processes (default: ``counts``);
+        parts: part -> (count key, weight), in the order the terms are added (default: ``loss_parts``; a decoupled
+        chunk passes its own stem's and head's).
         """
         norm = counts if normalizers is None else normalizers
         loss = None
         out: dict[str, torch.Tensor] = {}
-        for part, (key, weight) in self.loss_parts.items():
+        for part, (key, weight) in (self.loss_parts if parts is None else parts).items():
             term = weight * sums[part] / norm[key].clamp(min=1).to(sums[part].device)
             loss = term if loss is None else loss + term
             out[part] = (sums[part] / counts[key].clamp(min=1).to(sums[part].device)).detach()
@@ -210,6 +231,9 @@ class Objective(nn.Module):
         correct = (logits.detach().argmax(-1) == targets).sum()
         return loss, correct
 
+    def set_unigram_counts(self, counts) -> None:
+        """Corpus token counts [V] for objectives that draw replacement tokens from them; ignored by default."""
+
     # ---------------------------------------------------------------- model / export
     def build_model(self, model_config) -> nn.Module:
         raise NotImplementedError
@@ -221,3 +245,39 @@ class Objective(nn.Module):
         """(export directory, ``transformers`` auto class, training module whose logits it must reproduce) for each
         model ``export`` writes; the trainer loads each in a fresh process and compares logits."""
         return [(out_dir, "AutoModelForMaskedLM", model)]
+
+    # ---------------------------------------------------------------- split protocol (see the module docstring)
+    #: ``decouple.mode`` values this objective can be cut for (none by default)
+    decouple_modes: tuple[str, ...] = ()
+    #: tensors besides ``hidden`` that cross a chunk boundary: name -> dtype (each [B, L])
+    carry: dict[str, torch.dtype] = {}
+    #: count key whose window total scales synthetic-gradient targets (mode synthetic only)
+    synthetic_count_key: str | None = None
+
+    def encoders(self, model: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def split_config(self, model: nn.Module):
+        raise NotImplementedError
+
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def stem(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def final_head(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def aux_head(self, config, extra_layer: bool) -> nn.Module:
+        raise NotImplementedError
+
+    def input_embeddings(self, model: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare_split(self, model: nn.Module, chunks: int) -> None:
+        """Adapt ``model`` in place before it is cut into ``chunks`` chunks; nothing by default."""
+
+    def export_copy(self, model: nn.Module) -> nn.Module:
+        """A copy of the stitched ``model`` for ``export``; a deep copy by default."""
+        return copy.deepcopy(model)

@@ -24,6 +24,12 @@ Reproducible sampling: the Gumbel noise is not drawn from a device RNG but compu
 (seed, global sample index, position in the block, vocabulary id), see :func:`gumbel_noise`. A sample therefore gets
 the same replacement tokens whatever the batch it sits in, the number of processes or the device, given the same
 generator logits.
+
+Split protocol (``objectives.base``, ``decouple.mode: local`` only: synthetic-gradient modules condition on
+masked-token labels): the discriminator is the encoder that is cut. The generator runs inside chunk 0
+(:class:`ElectraStem`; it shares the embeddings, which chunk 0 owns), which therefore also sends the "replaced"
+labels it sampled ([B, L] uint8) along with the activations: no other chunk could compute them. Non-final chunks get
+:class:`LocalRTDHead`, the last one the discriminator's own head (:class:`FinalRTDHead`).
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .base import IGNORE_INDEX, Objective, build_options, encoder_attention_mask
+from pretrain.fast import run_layer
+
+from .base import IGNORE_INDEX, Objective, bert_init_, build_options, encoder_attention_mask
 from .mlm import MLMConfig, select_tokens
 
 
@@ -60,6 +68,16 @@ def replaced_token_sums(logits: torch.Tensor, replaced: torch.Tensor, attention_
                "disc_acc_replaced": (correct & replaced).sum() / n_replaced.clamp(min=1),
                "disc_acc_original": (correct & ~replaced).sum() / n_original.clamp(min=1)}
     return disc_sum, counts, metrics
+
+
+def _replaced_token_parts(logits: torch.Tensor, replaced: torch.Tensor, attention_mask: torch.Tensor,
+                          all_metrics: bool):
+    """:func:`replaced_token_sums` as a head's (sums, counts, metrics); ``all_metrics`` False keeps only n_tokens
+    and disc_acc (the auxiliary heads)."""
+    total, counts, metrics = replaced_token_sums(logits, replaced, attention_mask)
+    if not all_metrics:
+        counts, metrics = {"n_tokens": counts["n_tokens"]}, {"disc_acc": metrics["disc_acc"]}
+    return {"disc_loss": total}, counts, metrics
 
 
 @dataclass
@@ -206,6 +224,78 @@ def generator_shape(hidden_size: int, generator_size: float) -> tuple[int, int, 
             "choose a generator_size that gives, e.g., a hidden size below 128 or a multiple of 64"
         )
     return hidden, heads, 4 * hidden
+
+
+# --------------------------------------------------------------------------- decoupled pieces (split protocol)
+
+
+class ElectraStem(nn.Module):
+    """ELECTRA's generator (sparse MLM head, Gumbel-max sampling, no gradient through the sample) followed by the
+    discriminator's embeddings of the corrupted block [B, L, H]. Carries ``replaced`` [B, L] uint8 to the upper
+    chunks."""
+
+    metric_counts = {"gen_loss": "n_masked", "gen_acc": "n_masked", "replaced_frac": "n_masked"}
+
+    def __init__(self, model: ElectraPretrainingModel, objective: "ElectraObjective"):
+        super().__init__()
+        self.generator = model.generator
+        self.embeddings = model.discriminator.electra.embeddings
+        self.project = getattr(model.discriminator.electra, "embeddings_project", None)
+        self.generate = objective.generate  # a bound method: plain attribute, not a submodule
+        self.loss_parts = {"gen_loss": objective.loss_parts["gen_loss"]}
+
+    def forward(self, batch):
+        attention_mask = batch["attention_mask"]
+        gen = self.generate(self.generator, batch)
+        gen_sum, gen_correct, selected, replaced = gen["gen_sum"], gen["gen_correct"], gen["selected"], gen["replaced"]
+        embedded = self.embeddings(input_ids=gen["disc_input_ids"])
+        if self.project is not None:
+            embedded = self.project(embedded)
+        n_masked = selected.sum()
+        n_replaced_masked = (replaced & attention_mask.bool()).sum()
+        metrics = {"gen_acc": gen_correct / n_masked.clamp(min=1),
+                   "replaced_frac": n_replaced_masked / n_masked.clamp(min=1)}
+        carry = {"replaced": replaced.to(torch.uint8)}
+        return embedded, carry, {"gen_loss": gen_sum}, {"n_masked": n_masked}, metrics
+
+
+class LocalRTDHead(nn.Module):
+    """Auxiliary replaced-token-detection head of a non-final discriminator chunk:
+    ``[ElectraLayer] → dense → GeLU → dense → 1 logit per token``, weighted by ``disc_weight``."""
+
+    metric_counts = {"disc_loss": "n_tokens", "disc_acc": "n_tokens"}
+    fused = False  #: run the extra layer through FusedEncoder (the fast path)
+
+    def __init__(self, config, extra_layer: bool, disc_weight: float):
+        super().__init__()
+        from transformers.models.electra.modeling_electra import ElectraLayer
+
+        self.layer = ElectraLayer(config) if extra_layer else None
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense_prediction = nn.Linear(config.hidden_size, 1)
+        self.loss_parts = {"disc_loss": ("n_tokens", disc_weight)}
+        bert_init_(self, config.initializer_range)
+
+    def forward(self, hidden, mask, batch, carry):
+        if self.layer is not None:
+            hidden = run_layer(self.layer, hidden, mask, self.fused)
+        logits = self.dense_prediction(F.gelu(self.dense(hidden))).squeeze(-1)
+        return _replaced_token_parts(logits, carry["replaced"], batch["attention_mask"], False)
+
+
+class FinalRTDHead(nn.Module):
+    """ELECTRA's discriminator head (``ElectraForPreTraining.discriminator_predictions``) on the last chunk."""
+
+    metric_counts = {"disc_loss": "n_tokens", "disc_acc": "n_tokens", "disc_acc_replaced": "n_replaced",
+                     "disc_acc_original": "n_original"}
+
+    def __init__(self, predictions: nn.Module, disc_weight: float):
+        super().__init__()
+        self.predictions = predictions
+        self.loss_parts = {"disc_loss": ("n_tokens", disc_weight)}
+
+    def forward(self, hidden, mask, batch, carry):
+        return _replaced_token_parts(self.predictions(hidden), carry["replaced"], batch["attention_mask"], True)
 
 
 # --------------------------------------------------------------------------- objective
@@ -369,3 +459,25 @@ class ElectraObjective(Objective):
             (out_dir / "discriminator", "AutoModelForPreTraining", model.discriminator),
             (out_dir / "generator", "AutoModelForMaskedLM", model.generator),
         ]
+
+    # ---------------------------------------------------------------- split protocol (``objectives.base``)
+    decouple_modes = ("local",)
+    carry = {"replaced": torch.uint8}
+
+    def encoders(self, model: ElectraPretrainingModel) -> list[nn.Module]:
+        return [model.generator.electra, model.discriminator.electra]
+
+    def split_config(self, model: ElectraPretrainingModel):
+        return model.discriminator.config
+
+    def layers(self, model: ElectraPretrainingModel) -> list[nn.Module]:
+        return list(model.discriminator.electra.encoder.layer)
+
+    def stem(self, model: ElectraPretrainingModel) -> nn.Module:
+        return ElectraStem(model, self)
+
+    def final_head(self, model: ElectraPretrainingModel) -> nn.Module:
+        return FinalRTDHead(model.discriminator.discriminator_predictions, self.config.disc_weight)
+
+    def aux_head(self, config, extra_layer: bool) -> nn.Module:
+        return LocalRTDHead(config, extra_layer, self.config.disc_weight)

@@ -5,17 +5,24 @@ exactly ``round(mask_ratio * n)`` tokens per block (``static_count``: fixed shap
 words (``whole_word``). Of the selected tokens, ``mask_token_prob`` become [MASK], ``random_token_prob`` a random
 non-special token, the rest stay unchanged. The prediction head is sparse: hidden states are gathered at the
 selected positions before the vocabulary projection, so no [B, L, V] tensor is ever built.
+
+Split protocol (``objectives.base``): the stem is BERT's embeddings, the cut layers ``model.bert.encoder.layer``, the
+final head ``model.cls``; a non-final chunk gets :class:`LocalMLMHead`. With K > 1 the decoder is untied from the word
+embeddings (chunk 0 owns them) and starts as a copy of them.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .base import IGNORE_INDEX, Objective, build_options, encoder_attention_mask
+from pretrain.fast import run_layer
+
+from .base import IGNORE_INDEX, Objective, bert_init_, build_options, encoder_attention_mask
 
 
 @dataclass
@@ -79,6 +86,86 @@ def select_tokens(
     selected = torch.zeros_like(candidates)
     selected[candidates] = picked[token_word]
     return selected
+
+
+# --------------------------------------------------------------------------- decoupled pieces (split protocol)
+
+
+class BertStem(nn.Module):
+    """Chunk 0's input: token ids [B, L] -> embeddings [B, L, H] (``BertModel``'s first step); no loss, no carry."""
+
+    loss_parts: dict[str, tuple[str, float]] = {}
+    metric_counts: dict[str, str] = {}
+
+    def __init__(self, embeddings: nn.Module):
+        super().__init__()
+        self.embeddings = embeddings
+
+    def forward(self, batch):
+        return self.embeddings(input_ids=batch["input_ids"]), {}, {}, {}, {}
+
+
+class LocalMLMHead(nn.Module):
+    """Auxiliary MLM head of a non-final chunk: ``[BertLayer] → dense → GeLU → LayerNorm → own decoder`` on the
+    masked positions only (sparse, [M, V] logits, gathered by ``objective.gather_index``). Never tied to the input
+    embeddings: a tied matrix would carry gradients across chunks."""
+
+    loss_parts = {"mlm_loss": ("n_masked", 1.0)}
+    metric_counts = {"mlm_loss": "n_masked", "mlm_acc": "n_masked"}
+    fused = False  #: run the extra layer through FusedEncoder (the fast path)
+
+    def __init__(self, config, extra_layer: bool, objective: Objective):
+        super().__init__()
+        from transformers.models.bert.modeling_bert import BertLayer, BertPredictionHeadTransform
+
+        self.gather_index = objective.gather_index  # a bound method: plain attribute, not a submodule
+        self.layer = BertLayer(config) if extra_layer else None
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        bert_init_(self, config.initializer_range)
+
+    def forward(self, hidden, mask, batch, carry):
+        if self.layer is not None:
+            hidden = run_layer(self.layer, hidden, mask, self.fused)
+        selected = batch["labels"] != IGNORE_INDEX
+        index, valid = self.gather_index(selected)
+        logits = self.decoder(self.transform(hidden.flatten(0, 1)[index]))
+        loss_sum, correct = Objective.masked_lm_sums(logits, Objective.gather_targets(batch["labels"], index, valid))
+        n = selected.sum()
+        return {"mlm_loss": loss_sum}, {"n_masked": n}, {"mlm_acc": correct / n.clamp(min=1)}
+
+
+class FinalMLMHead(nn.Module):
+    """The objective's own MLM head (``BertForMaskedLM.cls``) on the last chunk, with the objective's loss parts and
+    metrics: hidden [B, L, H] gathered at the M labelled positions -> [M, V] logits."""
+
+    def __init__(self, cls: nn.Module, objective: Objective):
+        super().__init__()
+        self.cls = cls
+        self.loss_parts = dict(objective.loss_parts)
+        self.metric_counts = dict(objective.metric_counts)
+        self.gather_index = objective.gather_index
+
+    def forward(self, hidden, mask, batch, carry):
+        selected = batch["labels"] != IGNORE_INDEX
+        index, valid = self.gather_index(selected)
+        mlm_sum, mlm_correct = Objective.masked_lm_sums(self.cls(hidden.flatten(0, 1)[index]),
+                                                        Objective.gather_targets(batch["labels"], index, valid))
+        counts = {"n_masked": selected.sum()}
+        return {"mlm_loss": mlm_sum}, counts, {"mlm_acc": mlm_correct / counts["n_masked"].clamp(min=1)}
+
+
+def untie_decoder(model: nn.Module) -> None:
+    """Give ``BertForMaskedLM``'s decoder its own matrix (a copy of the word embeddings, so the initial model is the
+    same function) and mark the config untied, so exports reload untied."""
+    decoder = model.cls.predictions.decoder
+    embeddings = model.bert.embeddings.word_embeddings
+    if decoder.weight is embeddings.weight:
+        decoder.weight = nn.Parameter(embeddings.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+
+
+# --------------------------------------------------------------------------- objective
 
 
 class MLMObjective(Objective):
@@ -166,3 +253,41 @@ class MLMObjective(Objective):
         from pretrain.hf_io import save_hf
 
         save_hf(model, out_dir, tokenizer)
+
+    # ---------------------------------------------------------------- split protocol (``objectives.base``)
+    decouple_modes = ("local", "synthetic")
+    synthetic_count_key = "n_masked"
+
+    def encoders(self, model: nn.Module) -> list[nn.Module]:
+        return [model.bert]
+
+    def split_config(self, model: nn.Module):
+        return model.config
+
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.bert.encoder.layer)
+
+    def stem(self, model: nn.Module) -> nn.Module:
+        return BertStem(model.bert.embeddings)
+
+    def final_head(self, model: nn.Module) -> nn.Module:
+        return FinalMLMHead(model.cls, self)
+
+    def aux_head(self, config, extra_layer: bool) -> nn.Module:
+        return LocalMLMHead(config, extra_layer, self)
+
+    def input_embeddings(self, model: nn.Module) -> torch.Tensor:
+        return model.bert.embeddings.word_embeddings.weight
+
+    def prepare_split(self, model: nn.Module, chunks: int) -> None:
+        """K > 1: untie the decoder (:func:`untie_decoder`); chunk 0 owns the word embeddings."""
+        if chunks > 1:
+            untie_decoder(model)
+
+    def export_copy(self, model: nn.Module) -> nn.Module:
+        """A deep copy; an untied decoder also gets its own bias tensor (``transformers`` ties ``decoder.bias`` to
+        ``predictions.bias`` only with tied embeddings)."""
+        model = copy.deepcopy(model)
+        if not model.config.tie_word_embeddings:
+            model.cls.predictions.decoder.bias = nn.Parameter(model.cls.predictions.bias.detach().clone())
+        return model

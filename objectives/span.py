@@ -33,6 +33,12 @@ Batch layout (per token, [B, L], like ``labels``): ``sbo_left`` / ``sbo_right`` 
 right of the token's span (s-1, e+1), ``sbo_pos`` = i - s (0-based row of the position embedding, the paper's
 p_{i-s+1}); all three are -1 where the token has no SBO term (unmasked, no valid boundary, position too large, or
 padding). The SBO target is ``labels`` at the same position.
+
+Split protocol: MLM's (``objectives.mlm``), with :class:`FinalSpanHead` on the last chunk; with K > 1 its SBO head
+reads the untied decoder matrix (a copy of the input embeddings at the start) instead of the input embeddings.
+
+Evaluation masks (``span_infilling_spans``, used by ``pretrain.evaluation``) are a separate, simpler scheme: whole
+spans of 3-6 words (uniform), several disjoint spans per block.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .base import IGNORE_INDEX, Objective, build_options, encoder_attention_mask
-from .mlm import MLMObjective
+from .mlm import FinalMLMHead, MLMObjective
 
 #: file written next to the Hugging Face export
 SBO_HEAD_FILE = "sbo_head.safetensors"
@@ -196,6 +202,25 @@ def load_sbo_head(export_dir: str | Path, map_location: str | torch.device = "cp
     head = SBOHead(**config)
     head.load_state_dict(load_file(str(path), device=str(map_location)))
     return head.to(map_location)
+
+
+class FinalSpanHead(FinalMLMHead):
+    """The last chunk's head: MLM (:class:`~objectives.mlm.FinalMLMHead`) plus the SBO head, whose vocabulary matrix
+    is the decoder's (= the word embeddings when K = 1, where they are tied)."""
+
+    def __init__(self, cls: nn.Module, objective: "SpanObjective"):
+        super().__init__(cls, objective)
+        self.sbo_head = objective.sbo_head
+        self.sbo_inputs = objective.sbo_inputs  # a bound method: plain attribute, not a submodule
+
+    def forward(self, hidden, mask, batch, carry):
+        sums, counts, metrics = super().forward(hidden, mask, batch, carry)
+        left, right, positions, targets = self.sbo_inputs(hidden, batch)
+        logits = self.sbo_head(left, right, positions, self.cls.predictions.decoder.weight)
+        sums["sbo_loss"], sbo_correct = Objective.masked_lm_sums(logits, targets)
+        counts["n_sbo"] = (batch["sbo_pos"] >= 0).sum()
+        metrics["sbo_acc"] = sbo_correct / counts["n_sbo"].clamp(min=1)
+        return sums, counts, metrics
 
 
 class SpanObjective(MLMObjective):
@@ -397,6 +422,9 @@ class SpanObjective(MLMObjective):
                  "sbo_acc": sbo_correct / counts["n_sbo"].clamp(min=1)}
         return self.reduce({"mlm_loss": mlm_sum, "sbo_loss": sbo_sum}, counts, normalizers, extra)
 
+    def final_head(self, model: nn.Module) -> nn.Module:
+        return FinalSpanHead(model.cls, self)
+
     # ---------------------------------------------------------------- model / export
     def build_model(self, model_config) -> nn.Module:
         """A stock ``BertForMaskedLM`` (as MLM); creates ``self.sbo_head`` sized from its config."""
@@ -418,3 +446,75 @@ class SpanObjective(MLMObjective):
             save_hf(model, staged, tokenizer)
             save_sbo_head(self.sbo_head, staged / SBO_HEAD_FILE)
             replace_dir(staged, out_dir)
+
+
+# --------------------------------------------------------------------------- evaluation masks (pretrain.evaluation)
+
+
+def word_units(input_ids: np.ndarray, word_ids: np.ndarray, special: np.ndarray) -> list[tuple[int, int, int]]:
+    """Words of a block as ``(token_start, token_end, segment)``: maximal runs of non-special tokens sharing a word
+    id. ``segment`` counts the special tokens ([CLS], [SEP], [UNK], ...) before the word, so two words with the same
+    segment have no special token between them."""
+    units, segment, i, length = [], 0, 0, len(input_ids)
+    usable = ~special[input_ids] & (word_ids >= 0)
+    while i < length:
+        if not usable[i]:
+            segment += 1
+            i += 1
+            continue
+        j = i + 1
+        while j < length and usable[j] and word_ids[j] == word_ids[i]:
+            j += 1
+        units.append((i, j, segment))
+        i = j
+    return units
+
+
+def span_infilling_spans(input_ids, word_ids, special: np.ndarray, rng: np.random.Generator,
+                         min_words: int = 3, max_words: int = 6, ratio: float = 0.15) -> list[tuple[int, int, int]]:
+    """Disjoint whole-word spans ``(token_start, token_end, n_words)`` for one block, sorted by position.
+
+    Repeat until at least round(ratio · n) tokens are covered (n = non-special tokens; the last span may overshoot)
+    or no span fits: draw a length ℓ uniform in [min_words, max_words] words, then a start uniformly among the
+    words where ℓ free words follow without a special token in between and neither neighbour word is masked (one
+    unmasked word between spans keeps each span a separate unit). If no span of length ℓ fits, ℓ is redrawn among
+    the lengths that still fit."""
+    ids, words = np.asarray(input_ids), np.asarray(word_ids)
+    units = word_units(ids, words, special)
+    n_tokens = sum(e - s for s, e, _ in units)
+    budget = round(ratio * n_tokens)
+    if not units or budget == 0:
+        return []
+    seg = np.array([u[2] for u in units])
+    used = np.zeros(len(units), dtype=bool)
+
+    def starts_for(length: int) -> np.ndarray:
+        n = len(units) - length + 1
+        if n <= 0:
+            return np.zeros(0, dtype=int)
+        j = np.arange(n)
+        ok = seg[j] == seg[j + length - 1]
+        csum = np.concatenate([[0], np.cumsum(used)])
+        ok &= csum[j + length] - csum[j] == 0
+        left_free = (j == 0) | (seg[np.maximum(j - 1, 0)] != seg[j]) | ~used[np.maximum(j - 1, 0)]
+        after = np.minimum(j + length, len(units) - 1)
+        right_free = (j + length >= len(units)) | (seg[after] != seg[j]) | ~used[after]
+        return j[ok & left_free & right_free]
+
+    spans, covered = [], 0
+    lengths = list(range(min_words, max_words + 1))
+    while covered < budget:
+        length = int(rng.integers(min_words, max_words + 1))
+        starts = starts_for(length)
+        if len(starts) == 0:
+            fitting = [ell for ell in lengths if len(starts_for(ell))]
+            if not fitting:
+                break
+            length = int(rng.choice(fitting))
+            starts = starts_for(length)
+        j = int(rng.choice(starts))
+        used[j:j + length] = True
+        start, end = units[j][0], units[j + length - 1][1]
+        spans.append((start, end, length))
+        covered += end - start
+    return sorted(spans)

@@ -19,7 +19,6 @@ import objectives
 
 from . import config_io
 from .config_io import ConfigError, HasSections, changed_fields, choice, parse_overrides, sections
-from .config_io import set_dotted as _set_dotted  # noqa: F401  (tests/dist/decouple_worker.py imports it from here)
 from .decouple import modes
 
 

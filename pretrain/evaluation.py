@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from objectives.span import span_infilling_spans, word_units
+
 logger = logging.getLogger(__name__)
 
 #: masks and splits of the evaluation are drawn from this seed (independent of any training seed)
@@ -165,75 +167,6 @@ def masked_lm(model, tokenizer, held_out: HeldOut, seed: int = EVAL_SEED, batch_
 
 
 # --------------------------------------------------------------------------- span infilling
-
-
-def word_units(input_ids: np.ndarray, word_ids: np.ndarray, special: np.ndarray) -> list[tuple[int, int, int]]:
-    """Words of a block as ``(token_start, token_end, segment)``: maximal runs of non-special tokens sharing a word
-    id. ``segment`` counts the special tokens ([CLS], [SEP], [UNK], ...) before the word, so two words with the same
-    segment have no special token between them."""
-    units, segment, i, length = [], 0, 0, len(input_ids)
-    usable = ~special[input_ids] & (word_ids >= 0)
-    while i < length:
-        if not usable[i]:
-            segment += 1
-            i += 1
-            continue
-        j = i + 1
-        while j < length and usable[j] and word_ids[j] == word_ids[i]:
-            j += 1
-        units.append((i, j, segment))
-        i = j
-    return units
-
-
-def span_infilling_spans(input_ids, word_ids, special: np.ndarray, rng: np.random.Generator,
-                         min_words: int = 3, max_words: int = 6, ratio: float = 0.15) -> list[tuple[int, int, int]]:
-    """Disjoint whole-word spans ``(token_start, token_end, n_words)`` for one block, sorted by position.
-
-    Repeat until at least round(ratio · n) tokens are covered (n = non-special tokens; the last span may overshoot)
-    or no span fits: draw a length ℓ uniform in [min_words, max_words] words, then a start uniformly among the
-    words where ℓ free words follow without a special token in between and neither neighbour word is masked (one
-    unmasked word between spans keeps each span a separate unit). If no span of length ℓ fits, ℓ is redrawn among
-    the lengths that still fit."""
-    ids, words = np.asarray(input_ids), np.asarray(word_ids)
-    units = word_units(ids, words, special)
-    n_tokens = sum(e - s for s, e, _ in units)
-    budget = round(ratio * n_tokens)
-    if not units or budget == 0:
-        return []
-    seg = np.array([u[2] for u in units])
-    used = np.zeros(len(units), dtype=bool)
-
-    def starts_for(length: int) -> np.ndarray:
-        n = len(units) - length + 1
-        if n <= 0:
-            return np.zeros(0, dtype=int)
-        j = np.arange(n)
-        ok = seg[j] == seg[j + length - 1]
-        csum = np.concatenate([[0], np.cumsum(used)])
-        ok &= csum[j + length] - csum[j] == 0
-        left_free = (j == 0) | (seg[np.maximum(j - 1, 0)] != seg[j]) | ~used[np.maximum(j - 1, 0)]
-        after = np.minimum(j + length, len(units) - 1)
-        right_free = (j + length >= len(units)) | (seg[after] != seg[j]) | ~used[after]
-        return j[ok & left_free & right_free]
-
-    spans, covered = [], 0
-    lengths = list(range(min_words, max_words + 1))
-    while covered < budget:
-        length = int(rng.integers(min_words, max_words + 1))
-        starts = starts_for(length)
-        if len(starts) == 0:
-            fitting = [ell for ell in lengths if len(starts_for(ell))]
-            if not fitting:
-                break
-            length = int(rng.choice(fitting))
-            starts = starts_for(length)
-        j = int(rng.choice(starts))
-        used[j:j + length] = True
-        start, end = units[j][0], units[j + length - 1][1]
-        spans.append((start, end, length))
-        covered += end - start
-    return sorted(spans)
 
 
 def span_infilling_batch(examples: Sequence[dict], tokenizer, seed: int = EVAL_SEED, **span_options):

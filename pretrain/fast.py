@@ -69,15 +69,6 @@ def fast_enabled(model_cfg, device: torch.device) -> bool:
     return bool(model_cfg.fast)
 
 
-def transformer_stacks(model: nn.Module) -> list[nn.Module]:
-    """The transformer stacks: ``model.bert`` (BERT) or ``generator.electra`` and ``discriminator.electra``."""
-    if hasattr(model, "bert"):
-        return [model.bert]
-    if hasattr(model, "generator") and hasattr(model, "discriminator"):
-        return [model.generator.electra, model.discriminator.electra]
-    raise TypeError(f"the fast path does not know the encoder of {type(model).__name__}")
-
-
 class FusedEncoder(nn.Module):
     """Runs the ``layer`` list of a ``BertEncoder``/``ElectraEncoder`` with one query/key/value GEMM per layer.
 
@@ -117,10 +108,16 @@ class FusedEncoder(nn.Module):
         return layer.output(layer.intermediate(hidden), hidden)
 
 
-def fuse_encoders(model: nn.Module) -> None:
+def run_layer(layer: nn.Module, hidden: torch.Tensor, mask, fused: bool) -> torch.Tensor:
+    """One HF ``BertLayer``/``ElectraLayer`` on hidden [B, L, H]; ``fused`` (the fast path): through
+    :meth:`FusedEncoder.layer_forward` (one query/key/value GEMM, the same parameters)."""
+    return FusedEncoder.layer_forward(layer, hidden, mask) if fused else layer(hidden, mask)
+
+
+def fuse_encoders(encoders: list[nn.Module]) -> None:
     """Replace each transformer stack's ``encoder`` by a :class:`FusedEncoder` over the same layers (in place;
-    ``state_dict`` keys and values unchanged)."""
-    for stack in transformer_stacks(model):
+    ``state_dict`` keys and values unchanged). ``encoders``: e.g. ``objective.encoders(model)``."""
+    for stack in encoders:
         if not isinstance(stack.encoder, FusedEncoder):
             stack.encoder = FusedEncoder(stack.encoder)
 
@@ -134,7 +131,7 @@ def apply_fast_path(model: nn.Module, objective: nn.Module, block_size: int, fus
         log.warning("model.fast: the masked count varies per batch (objective.mlm.static_count is false), so the "
                     "prediction head keeps data-dependent shapes; set objective.mlm.static_count: true for static ones")
     if fuse:
-        fuse_encoders(model)
+        fuse_encoders(objective.encoders(model))
 
 
 def compile_step(module: nn.Module) -> None:

@@ -42,7 +42,7 @@ def setup(cfg: Config, step_runner, out_dir: Path, data=None):
         data = step_runner.main_first(lambda: prepare_blocks(cfg))
     tokenizer = check_tokenizer(cfg, data.tokenizer)
     objective = get_objective(cfg.objective.name, tokenizer, seed=cfg.train.seed, **cfg.objective.options())
-    if getattr(data, "unigram_counts", None) is not None and hasattr(objective, "set_unigram_counts"):
+    if getattr(data, "unigram_counts", None) is not None:
         objective.set_unigram_counts(data.unigram_counts)
     collator = copy.deepcopy(objective)  # a CPU copy for DataLoader workers; the trained one moves to the device
     model = step_runner.build(objective, collator, out_dir, tokenizer)

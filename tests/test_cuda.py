@@ -100,7 +100,7 @@ def test_unpadded_batches_take_the_flash_kernel_inside_the_compiled_step(tokeniz
 
     objective, model = setup(tokenizer, name)
     eager_model, eager_objective = copy.deepcopy(model).cuda(), copy.deepcopy(objective).cuda()
-    fuse_encoders(eager_model)
+    fuse_encoders(eager_objective.encoders(eager_model))
     apply_fast_path(model, objective, 64)
     module = PretrainModule(model, objective).cuda()
     compile_step(module)

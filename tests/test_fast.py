@@ -15,7 +15,7 @@ from helpers import make_tokenizer, packed_examples, tiny_model_config, toy_corp
 from objectives import get_objective
 from pretrain.config import ModelConfig
 from objectives.base import encoder_attention_mask
-from pretrain.fast import FusedEncoder, apply_fast_path, compile_step, fast_enabled, fuse_encoders, transformer_stacks
+from pretrain.fast import FusedEncoder, apply_fast_path, compile_step, fast_enabled, fuse_encoders
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 import decouple_worker  # noqa: E402
@@ -123,8 +123,8 @@ def test_fused_encoder_computes_hf_layers_with_the_same_parameters(tokenizer, na
     model = objective.build_model(tiny_model_config(hidden_dropout=0.1, attention_dropout=0.1))
     batch = (batch_with_a_short_block if padded else full_batch)(tokenizer, objective)
     fused = copy.deepcopy(model)
-    fuse_encoders(fused)
-    assert all(isinstance(stack.encoder, FusedEncoder) for stack in transformer_stacks(fused))
+    fuse_encoders(objective.encoders(fused))
+    assert all(isinstance(stack.encoder, FusedEncoder) for stack in objective.encoders(fused))
     assert list(fused.state_dict()) == list(model.state_dict())
     results = []
     for m in (model, fused):
@@ -190,7 +190,7 @@ def test_compiled_step_keeps_names_losses_gradients_and_export_logits(tokenizer,
     names = list(fast_module.state_dict())
     compile_step(fast_module)
     assert fast_module._compiled_call_impl is not None and list(fast_module.state_dict()) == names
-    assert all(isinstance(stack.encoder, FusedEncoder) for stack in transformer_stacks(fast_model))
+    assert all(isinstance(stack.encoder, FusedEncoder) for stack in fast_objective.encoders(fast_model))
     assert list(fast_model.state_dict()) == list(model.state_dict())
     for batch in (batch_with_a_short_block(tokenizer, objective), full_batch(tokenizer, objective)):
         eager, eager_grads = loss_and_gradients(lambda b: objective(model, b), batch, model, objective)

@@ -1,6 +1,11 @@
 """The registries feed the config schema: a new objective registered from this file alone trains with
-``objective.name: <new>`` and its own ``objective.<new>`` section; decoupling modes come from
-``pretrain.decouple.modes``; a config.yaml written before the registries existed still matches (a run resumes)."""
+``objective.name: <new>`` and its own ``objective.<new>`` section, end to end and in local decoupled mode (simulated,
+and as 2 gloo processes that run this very file), with export; decoupling modes come from
+``pretrain.decouple.modes``; a config.yaml written before the registries existed still matches (a run resumes).
+
+Run as a script (``torchrun … test_registries.py TESTS_DIR OUTPUT_DIR [overrides]``) it registers the objective and
+runs ``tests/dist/decouple_worker.py``'s in-memory training.
+"""
 
 import json
 import subprocess
@@ -12,8 +17,11 @@ import pytest
 import torch
 import yaml
 
+sys.path.insert(0, str(Path(__file__).parent / "dist"))  # decouple_worker (also as a torchrun worker)
+
 import objectives
-from helpers import toy_corpus, write_tiny_config
+from distributed import torchrun
+from helpers import toy_corpus, train_records, write_tiny_config
 from objectives.base import IGNORE_INDEX
 from objectives.mlm import MLMObjective
 from pretrain.config import ConfigError, config_differences, config_to_dict, load_config
@@ -56,6 +64,33 @@ def every_kth():
     objectives.register_objective("every_kth", EveryKthObjective, EveryKthConfig)
     yield
     del objectives.OBJECTIVES["every_kth"]
+
+
+TESTS = Path(__file__).parent
+LOCAL = ["objective.name=every_kth", "objective.every_kth.every=3", "decouple.mode=local", "decouple.chunks=2"]
+LOSS_KEYS = ("chunk0_mlm_loss", "chunk0_mlm_acc", "chunk1_mlm_loss", "chunk1_mlm_acc", "mlm_loss", "mlm_acc")
+
+
+def test_registered_objective_trains_decoupled_simulated_and_distributed_alike(every_kth, tmp_path):
+    """The objective's split comes from MLMObjective (its protocol): chunk heads, boundary tensors, export."""
+    import decouple_worker
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like each torchrun worker
+    try:
+        decouple_worker.main(str(tmp_path / "sim"), LOCAL)
+    finally:
+        torch.set_num_threads(threads)
+    torchrun(2, __file__, str(TESTS), str(tmp_path / "dist"), *LOCAL, timeout=240)
+    sim, dist = train_records(tmp_path / "sim"), train_records(tmp_path / "dist")
+    assert sorted(sim) == sorted(dist) == list(range(1, 7))
+    for step in sim:
+        for key in LOSS_KEYS:
+            assert dist[step][key] == pytest.approx(sim[step][key], rel=1e-5, abs=1e-6), (step, key)
+    for run in (tmp_path / "sim", tmp_path / "dist"):  # the stitched export, reloaded in a fresh process by fit
+        saved = yaml.safe_load((run / "export" / "pretrain_config.yaml").read_text())
+        assert saved["objective"]["name"] == "every_kth" and saved["objective"]["every_kth"] == {"every": 3}
+        assert (run / "export" / "model.safetensors").is_file() and (run / "export" / "aux_heads.safetensors").is_file()
 
 
 def test_registered_objective_trains_from_its_config_section(every_kth, tmp_path):
@@ -150,3 +185,10 @@ def test_config_written_before_the_split_matches_and_keeps_its_key_order():
     assert yaml.safe_dump(new, sort_keys=False) == HEAD_CONFIG.read_text()
     assert load_config(HEAD_CONFIG) == load_config("configs/decoupled-sg.yaml",
                                                    ["output_dir=runs/sg", "objective.span.mask_ratio=0.2"])
+
+
+if __name__ == "__main__":
+    import decouple_worker
+
+    objectives.register_objective("every_kth", EveryKthObjective, EveryKthConfig)
+    decouple_worker.main(sys.argv[2], sys.argv[3:])

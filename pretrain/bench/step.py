@@ -109,7 +109,7 @@ def our_arm(cfg, model, objective, variant: Variant, device, evaluated, key: str
     if variant.fast:
         apply_fast_path(model, objective, cfg.data.block_size, fuse=variant.fuse)
     elif variant.fuse:
-        fuse_encoders(model)
+        fuse_encoders(objective.encoders(model))
     runner = BackpropStep(cfg)
     runner.prepare(model, objective, objective, compile=variant.fast)
     counter = iter(range(10 ** 9))
@@ -136,8 +136,7 @@ def step_arms(args, objective_name: str, device):
     tok = RandomTokenizer(vocab)
     torch.manual_seed(0)
     objective = get_objective(objective_name, tok, seed=0, **cfg.objective.options())
-    if hasattr(objective, "set_unigram_counts"):
-        objective.set_unigram_counts(torch.ones(vocab))
+    objective.set_unigram_counts(torch.ones(vocab))
     model = objective.build_model(cfg.model)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.train.precision == "bf16"
                 else contextlib.nullcontext())

@@ -60,7 +60,7 @@ class Pipeline:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
         hidden = model.chunks[0].config.hidden_size
-        self._carry = {"replaced": torch.uint8} if model.objective_name == "electra" else {}
+        self._carry = dict(model.objective.carry)
         self._hidden = hidden
         #: data-parallel pipelines: the process group of this process's chunk and its replicas (None when D = 1)
         self.replica_group = None

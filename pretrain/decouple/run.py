@@ -26,7 +26,7 @@ def build_chunked_model(cfg: Config, tokenizer, unigram_counts=None) -> tuple[Ch
     every process builds the whole model the same way, so a chunk's initial weights do not depend on the runtime.
     Returns ``(chunked_model, collator)`` where the collator is a CPU copy of the objective for the data loaders."""
     objective = get_objective(cfg.objective.name, tokenizer, seed=cfg.train.seed, **cfg.objective.options())
-    if unigram_counts is not None and hasattr(objective, "set_unigram_counts"):  # TODO(merge): base no-op
+    if unigram_counts is not None:
         objective.set_unigram_counts(unigram_counts)
     model = objective.build_model(cfg.model)
     collator = copy.deepcopy(objective)
@@ -63,7 +63,7 @@ def sidecar_files(model: ChunkedModel) -> dict[str, tuple[dict[str, torch.Tensor
     """What a decoupled export writes beside the HF weights: file name -> (fp32 CPU tensors, safetensors metadata):
     ``aux_heads.safetensors`` (local mode) and ``synthetic_gradients.safetensors`` (synthetic mode)."""
     files = {}
-    meta = {"format": "pt", "layer_ranges": json.dumps(model.ranges), "objective": model.objective_name}
+    meta = {"format": "pt", "layer_ranges": json.dumps(model.ranges), "objective": model.objective.name}
     if len(model.aux):
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.aux_state_dict().items()}
         files[AUX_HEADS_FILE] = (tensors, {**meta, "aux_head": model.aux_head})

@@ -61,8 +61,9 @@ class Stage:
     (fp16), dropout RNG and metric tracker; the stage of ``decouple.mode: local``, and the base of every mode's.
     Chunks 0..K-2 of ``decouple.freeze_lower`` (the frozen-random control) run forward only (``frozen``).
 
-    What a mode may add, through hooks the pipeline calls on every stage (no-ops here): messages sent down to the
-    chunk below (``outbox``: gradients of this chunk's input, in micro-batch order; :meth:`messages_down` bounds
+    What a mode may add: modules of the non-final chunks, asked for when the model is cut (:meth:`aux_heads`: local
+    losses, here the objective's auxiliary heads; :meth:`boundary_modules`: e.g. synthetic-gradient modules), and,
+    through hooks the pipeline calls on every stage (no-ops here), messages sent down to the chunk below (``outbox``: gradients of this chunk's input, in micro-batch order; :meth:`messages_down` bounds
     them in flight), micro-batches waiting for the chunk above's reply (``pending``, of which :meth:`due` must be
     answered now through :meth:`resolve`), :meth:`begin_window` (whether the window drains) and
     :meth:`release_graphs` before the update (synthetic mode, ``synthetic.py``)."""
@@ -79,6 +80,21 @@ class Stage:
         self.grad_norm = torch.zeros((), device=device)
         self.outbox: collections.deque[torch.Tensor] = collections.deque()
         self.pending: collections.deque = collections.deque()
+
+    #: what the mode needs from an objective, named when the objective does not list the mode in ``decouple_modes``
+    needs = ""
+
+    @staticmethod
+    def aux_heads(objective, model: nn.Module, config, decouple_cfg) -> list[nn.Module]:
+        """The heads of chunks 0..K-2 (their local losses): ``objective.aux_head`` each, with the extra transformer
+        layer of ``decouple.aux_head: layer``."""
+        extra = decouple_cfg.aux_head == "layer"
+        return [objective.aux_head(config, extra) for _ in range(decouple_cfg.chunks - 1)]
+
+    @staticmethod
+    def boundary_modules(objective, model: nn.Module, config, decouple_cfg) -> list[nn.Module]:
+        """Modules at the K-1 boundaries, outside every chunk's parameters (``ChunkedModel.synthetic``)."""
+        return []
 
     @staticmethod
     def messages_down(cfg: Config) -> int:

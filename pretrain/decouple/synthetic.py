@@ -84,8 +84,6 @@ class SyntheticConfig:
 
 #: checkpoint file of M_k (per chunk directory) and export file of all of them (beside the HF weights)
 SYNTHETIC_FILE, SYNTHETIC_EXPORT_FILE = "synthetic.safetensors", "synthetic_gradients.safetensors"
-#: count whose window total scales the target (the final MLM head's normaliser); ELECTRA is not supported
-SCALE_KEY = "n_masked"
 
 
 class SyntheticGradient(nn.Module):
@@ -157,15 +155,6 @@ def center_on_targets(grad: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return grad - mean * targets
 
 
-class NoHead(nn.Module):
-    """Head of a non-final chunk in synthetic mode: no loss (the chunk learns from the predicted gradient)."""
-
-    metric_counts: dict[str, str] = {}
-
-    def forward(self, hidden, mask, batch, carry):
-        return {}, {}, {}
-
-
 @dataclass
 class Pending:
     """A micro-batch whose true output gradient chunk k still awaits. ``hidden``/``loss``/``leaf`` hold its graph
@@ -194,6 +183,8 @@ class SyntheticStage(Stage):
                                       "gradients it exchanges: use train.precision bf16 or fp32")
         super().__init__(model, k, cfg, device, replica)
         self.options = cfg.decouple.synthetic
+        #: count whose window total scales the target (``Objective.synthetic_count_key``, e.g. the masked count)
+        self.scale_key = model.objective.synthetic_count_key
         self.module: SyntheticGradient | None = None if self.chunk.is_final else model.synthetic[k]
         self.sg_optimizer = None
         if self.module is not None:
@@ -206,6 +197,20 @@ class SyntheticStage(Stage):
         self.seen = 0
         #: running RMS of δ·c (``target_scale: rms``): M_k's targets are δ·c / target_rms, O(1) per element
         self.target_rms: torch.Tensor | None = None
+
+    needs = " (its modules condition on masked-token labels)"
+
+    @staticmethod
+    def aux_heads(objective, model, config, decouple_cfg) -> list[nn.Module]:
+        """No local losses: chunks 0..K-2 learn from the predicted gradient of their output."""
+        return []
+
+    @staticmethod
+    def boundary_modules(objective, model, config, decouple_cfg) -> list[nn.Module]:
+        """M_0..M_{K-2}, their label tables initialised from the objective's input word embeddings."""
+        s = decouple_cfg.synthetic
+        words = objective.input_embeddings(model).detach()
+        return [SyntheticGradient(config, s.arch, s.context, words) for _ in range(decouple_cfg.chunks - 1)]
 
     @staticmethod
     def messages_down(cfg) -> int:
@@ -237,7 +242,7 @@ class SyntheticStage(Stage):
         else:
             features = hidden.detach()
             mask = self.chunk.attention_mask(features, batch)
-            count = normalizers[SCALE_KEY].clamp(min=1) if self.options.target_scale != "none" else \
+            count = normalizers[self.scale_key].clamp(min=1) if self.options.target_scale != "none" else \
                 torch.ones((), device=features.device)
             with torch.no_grad():
                 prediction = self.module(features, batch["labels"], mask) / self._scale(count)
@@ -349,5 +354,5 @@ class SyntheticStage(Stage):
                                   f"{type(e).__name__}: {e}") from e
 
 
-__all__ = ["SyntheticGradient", "NoHead", "token_cosine", "center_on_targets", "SyntheticStage", "SYNTHETIC_FILE",
+__all__ = ["SyntheticGradient", "token_cosine", "center_on_targets", "SyntheticStage", "SYNTHETIC_FILE",
            "SYNTHETIC_EXPORT_FILE"]

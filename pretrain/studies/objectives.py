@@ -161,8 +161,7 @@ def step_flops(cfg) -> dict:
 
     data = prepare_blocks(cfg)
     objective = get_objective(cfg.objective.name, data.tokenizer, seed=cfg.train.seed, **cfg.objective.options())
-    if hasattr(objective, "set_unigram_counts"):
-        objective.set_unigram_counts(data.unigram_counts)
+    objective.set_unigram_counts(data.unigram_counts)
     torch.manual_seed(cfg.train.seed)
     model = objective.build_model(cfg.model)
     collator = copy.deepcopy(objective)

@@ -15,7 +15,8 @@ import types
 sys.path.insert(0, sys.argv[1])
 from helpers import make_tokenizer, packed_examples  # noqa: E402
 
-from pretrain.config import config_from_dict, parse_overrides, _set_dotted  # noqa: E402
+from pretrain.config import config_from_dict  # noqa: E402
+from pretrain.config_io import parse_overrides, set_dotted  # noqa: E402
 import pretrain.export  # noqa: E402
 from pretrain.trainer import fit  # noqa: E402
 
@@ -48,7 +49,7 @@ def main(output_dir: str, overrides: list[str]):
         pretrain.export.roundtrip_check = skip_roundtrip
     tree = base_config(output_dir)
     for key, value in parse_overrides(overrides):
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     cfg = config_from_dict(tree)
     tok = make_tokenizer()
     blocks = packed_examples(tok, 72, length=32)
