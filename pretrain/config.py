@@ -342,8 +342,9 @@ def save_config(cfg: Config, path: str | Path) -> None:
     config_io.write_yaml_atomic(config_to_dict(cfg), path)
 
 
-#: keys that may change between a run and its resumption (anything else must match the saved config)
-RESUMABLE_CHANGES = ("train.max_steps", "train.eval_every", "train.save_every", "train.keep_last",
+#: keys that may change between a run and its resumption (anything else must match the saved config); output_dir
+#: is where the run is, not what it is (a moved or copied run resumes)
+RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.eval_every", "train.save_every", "train.keep_last",
                      "train.log_every", "train.eval_batches", "data.num_workers", "data.cache_dir", "log.",
                      "decouple.runtime", "model.fast")
 

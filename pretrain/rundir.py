@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -10,13 +11,16 @@ from .config import Config, config_differences, config_to_dict, save_config
 
 
 class RunDirError(RuntimeError):
-    """The output directory holds a different run."""
+    """The output directory holds a different run, or cannot hold one."""
 
 
 def prepare_run_dir(cfg: Config, overwrite: bool, is_main: bool) -> Path:
     """Create the output dir, refusing one that holds a run with a different config. ``overwrite`` moves the old
-    run aside to ``OUTPUT_DIR.bak-<time>`` (nothing is deleted) and starts afresh."""
+    run aside to ``OUTPUT_DIR.bak-<time>`` (nothing is deleted) and starts afresh. The config is saved later, by
+    :func:`save_run_config`, once the run has passed its checks: a run that failed before has no config to keep."""
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"output_dir {out} is a file, not a directory: set output_dir to a new path")
     saved = out / "config.yaml"
     if saved.is_file():
         import yaml
@@ -34,8 +38,14 @@ def prepare_run_dir(cfg: Config, overwrite: bool, is_main: bool) -> Path:
             print(f"moved the previous run to {backup}", flush=True)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, saved)
+        if not os.access(out, os.W_OK):
+            raise RunDirError(f"output_dir {out} is not writable: fix its permissions or set output_dir elsewhere")
     return out
+
+
+def save_run_config(cfg: Config, out: Path) -> None:
+    """Save the resolved config as ``out/config.yaml``: from now on the run directory belongs to this config."""
+    save_config(cfg, out / "config.yaml")
 
 
 def check_tokenizer(cfg: Config, tokenizer):

@@ -26,7 +26,7 @@ from .data.stream import StreamDataset, make_loader
 from .ewc import resolve_source
 from .export import write_export
 from .metrics import MetricsLogger, peak_flops, train_flops_per_token, weighted_loss
-from .rundir import check_tokenizer, prepare_run_dir
+from .rundir import check_tokenizer, prepare_run_dir, save_run_config
 from .schedules import lr_for
 from .steps import build_step, seed_everything
 
@@ -67,7 +67,8 @@ def fit(cfg: Config, overwrite: bool = False, data=None) -> dict:
     out = prepare_run_dir(cfg, overwrite, step_runner.is_main)
     step_runner.barrier()
     data, tokenizer, objective, collator, model = setup(cfg, step_runner, out, data)
-    if step_runner.is_main:
+    if step_runner.is_main:  # the checks passed: the run starts, and its config now binds the directory
+        save_run_config(cfg, out)
         tokenizer.save_pretrained(str(out / "tokenizer"))
 
     state = {"step": 0, "tokens": 0}

@@ -207,3 +207,29 @@ def test_missing_corpus_and_vocab_mismatch(reference_run, corpus, tmp_path):
     cfg.write_text(yaml.safe_dump(data))
     proc = run_cli(cfg, check=False)
     assert proc.returncode == 2 and "vocab_size" in proc.stderr and "30522" in proc.stderr
+
+
+def test_run_that_failed_before_its_first_step_accepts_the_fixed_config(corpus, tmp_path):
+    data = yaml.safe_load(write_config(tmp_path / "c.yaml", corpus, tmp_path / "cache", max_steps=2).read_text())
+    data["model"]["vocab_size"] = 30522
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    proc = run_cli(cfg, check=False)
+    assert proc.returncode == 2 and "set model.vocab_size to null" in proc.stderr
+    assert not (tmp_path / "run" / "config.yaml").exists(), "a run that never started saves no config"
+    run_cli(cfg, "model.vocab_size=null")  # the fix the error names, without --overwrite
+    assert (tmp_path / "run" / "checkpoints" / "step-2" / "COMPLETE").exists()
+    assert not list(tmp_path.glob("run.bak-*"))
+    proc = run_cli(cfg, "model.vocab_size=null", "train.lr=5e-4", check=False)
+    assert proc.returncode == 2 and "different config" in proc.stderr, "a run with checkpoints keeps its config"
+
+
+def test_moved_run_resumes(corpus, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", corpus, tmp_path / "cache", max_steps=2)
+    run_cli(cfg)
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    (tmp_path / "run").rename(moved)
+    proc = run_cli(cfg, f"output_dir={moved}", "train.max_steps=4")
+    assert "resumed from" in proc.stdout and (moved / "checkpoints" / "step-4" / "COMPLETE").exists()
+    assert yaml.safe_load((moved / "config.yaml").read_text())["output_dir"] == str(moved)
