@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -43,7 +44,36 @@ def pretrain_main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunDirError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def os_error_message(e: OSError) -> str:
+    """One line naming the file an OS call failed on, the cause and the fix (a full disk says how much is free)."""
+    path = e.filename or "?"
+    if e.errno == errno.ENOSPC:
+        return (f"no space left on the device holding {path} ({_free_space(path)} free): free some space, or set "
+                "output_dir / data.cache_dir to a disk with room")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"cannot write {path} ({e.strerror}): fix the folder's permissions, or set output_dir / "
+                "data.cache_dir to a writable folder")
+    return f"{path}: {e.strerror or e}"
+
+
+def _free_space(path: str) -> str:
+    """Free space of the file system holding ``path`` (its nearest existing parent), e.g. '1.2 GB'."""
+    import shutil
+    from pathlib import Path
+
+    existing = next((p for p in (Path(path), *Path(path).parents) if p.exists()), Path("."))
+    free = float(shutil.disk_usage(existing).free)
+    for unit in ("B", "KB", "MB", "GB"):
+        if free < 1024:
+            return f"{free:.1f} {unit}"
+        free /= 1024
+    return f"{free:.1f} TB"
 
 
 def export_main(argv: list[str] | None = None) -> int:

@@ -228,9 +228,19 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value (e.g. train.lr=3e-4)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(e)}); fix it, or "
+                              f"quote a literal string: {key}='\"{raw}\"'") from None
         parsed.append((key.strip(), value))
     return parsed
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's one-line description of ``error`` (without its multi-line excerpt of the input)."""
+    parts = [getattr(error, "context", None), getattr(error, "problem", None)]
+    return ", ".join(p for p in parts if p) or str(error).splitlines()[0]
 
 
 def read_tree(path: str | Path | None, overrides: list[str] | None = None) -> dict:
@@ -240,7 +250,12 @@ def read_tree(path: str | Path | None, overrides: list[str] | None = None) -> di
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            raise ConfigError(f"{where}: invalid YAML: {_yaml_problem(e)}; fix the file there") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for key, value in parse_overrides(overrides or []):

@@ -227,10 +227,13 @@ def load_labelled(*, train_file: str | None = None, eval_file: str | None = None
         if _builder(eval_file) != builder:
             raise FinetuneError(f"--train ({train_file}) and --eval ({eval_file}) must be of the same file type")
         kwargs = {"delimiter": "\t"} if str(train_file).lower().endswith(".tsv") else {}
-        dd = datasets.load_dataset(builder, data_files={"train": str(train_file), "eval": str(eval_file)}, **kwargs)
-        parts, name = (dd["train"], dd["eval"]), Path(train_file).stem
+        # one load per file: a single load of both would refuse files whose columns differ beyond the two used
+        parts = tuple(datasets.load_dataset(builder, data_files=str(f), split="train", **kwargs)
+                      for f in (train_file, eval_file))
+        name = Path(train_file).stem
+    wheres = ("train data", "eval data") if dataset else (f"--train {train_file}", f"--eval {eval_file}")
     (train_texts, train_labels), (eval_texts, eval_labels) = (
-        _examples(ds, text_column, label_column, where) for ds, where in zip(parts, ("train data", "eval data")))
+        _examples(ds, text_column, label_column, where) for ds, where in zip(parts, wheres))
     feature = parts[0].features.get(label_column)
     names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
     train_ids, eval_ids, classes = encode_labels(train_labels, eval_labels, names)

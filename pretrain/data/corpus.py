@@ -9,6 +9,7 @@ documents and keeps the first ``data.max_documents``. Every failure raises one e
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import glob
 import hashlib
@@ -46,6 +47,10 @@ class MissingTextColumnError(CorpusError):
 
 
 class EmptyCorpusError(CorpusError):
+    pass
+
+
+class CorpusEncodingError(CorpusError):
     pass
 
 
@@ -157,7 +162,64 @@ def _consecutive_groups(files: list[Path]) -> Iterator[tuple[str, list[Path]]]:
 
 
 def _load_files(builder: str, files: list[str], cache_dir: str) -> Dataset:
-    return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
+    except datasets.exceptions.DatasetGenerationError as e:
+        causes = _causes(e)
+        bad_text = next((c for c in causes if isinstance(c, UnicodeDecodeError)), None)
+        if bad_text is not None:
+            raise _encoding_error(files, bad_text) from e
+        if any(type(c).__name__ == "SchemaInferenceError" for c in causes):
+            raise EmptyCorpusError(f"data.files: {_names(files)} holds no document (empty file); add text to it or "
+                                   "remove it from data.files") from e
+        raise
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """``error`` and the exceptions it was raised from."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _names(files: list[str]) -> str:
+    return files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} more)"
+
+
+def _encoding_error(files: list[str], error: UnicodeDecodeError) -> CorpusError:
+    """Name the first file of ``files`` that is not UTF-8, with the byte offset, and how to re-encode it."""
+    for path in files:
+        offset = first_invalid_utf8(Path(path))
+        if offset is not None:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                byte = f.read(1)
+            return CorpusEncodingError(
+                f"data.files: {path} is not UTF-8 text (byte 0x{byte.hex()} at offset {offset}); re-encode it, "
+                f"e.g. iconv -f latin1 -t utf-8 {path} > {Path(path).stem}.utf8{Path(path).suffix}")
+    return CorpusEncodingError(f"data.files: {_names(files)} is not UTF-8 text ({error.reason}); re-encode it to "
+                               "UTF-8 (e.g. with iconv)")
+
+
+def first_invalid_utf8(path: Path, chunk: int = 1 << 20) -> int | None:
+    """Byte offset of the first invalid UTF-8 sequence of the (uncompressed) file ``path``, or None."""
+    if path.suffix.lower() in COMPRESSIONS:
+        return None
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    done = 0  # bytes fed to the decoder so far
+    with path.open("rb") as f:
+        while True:
+            data = f.read(chunk)
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                return done - pending + e.start
+            if not data:
+                return None
+            done += len(data)
 
 
 def _text_only(ds: Dataset, column: str, where: str) -> Dataset:
