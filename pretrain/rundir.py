@@ -7,7 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .config import Config, config_differences, config_to_dict, save_config
+from .config import Config, ConfigError, config_differences, config_to_dict, save_config
 
 
 class RunDirError(RuntimeError):
@@ -18,6 +18,10 @@ def prepare_run_dir(cfg: Config, overwrite: bool, is_main: bool) -> Path:
     """Create the output dir, refusing one that holds a run with a different config. ``overwrite`` moves the old
     run aside to ``OUTPUT_DIR.bak-<time>`` (nothing is deleted) and starts afresh. The config is saved later, by
     :func:`save_run_config`, once the run has passed its checks: a run that failed before has no config to keep."""
+    if cfg.data.validation_fraction == 0:
+        raise ConfigError("data.validation_fraction is 0, but training evaluates on the validation split (at least at "
+                          "the end): set it > 0, e.g. data.validation_fraction=0.01 (a corpus of too few documents "
+                          "is split by blocks)")
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"output_dir {out} is a file, not a directory: set output_dir to a new path")

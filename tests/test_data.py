@@ -436,3 +436,30 @@ def test_demo_bible(bible_jsonl, demo_cache_dir, tmp_path):
     assert time.perf_counter() - start < 1
     corpus = load_corpus(DataConfig(demo=["bible"], cache_dir=str(demo_cache_dir), max_documents=10))
     assert corpus.column_names == ["text"] and corpus[0]["text"] == docs[0]["text"]
+
+
+def test_one_long_document_is_split_by_blocks(tmp_path):
+    """A corpus of one document cannot be split by document: its last blocks become the validation split."""
+    path = write_jsonl(tmp_path / "one.jsonl", [" ".join(toy_docs(60))])
+    data = prepare_blocks(make_cfg(tmp_path, [path], validation_fraction=0.1))
+    n_train, n_val = len(data.train), len(data.validation)
+    assert data.meta["split_by"] == "blocks" and n_train > 0 and n_val == round(0.1 * (n_train + n_val))
+    whole = prepare_blocks(make_cfg(tmp_path, [path], validation_fraction=0.0))  # every block in "train"
+    stream = np.concatenate([np.asarray(data.train.input_ids), np.asarray(data.validation.input_ids)])
+    assert np.array_equal(stream, np.asarray(whole.train.input_ids))
+    assert np.array_equal(data.unigram_counts, np.bincount(np.asarray(data.train.input_ids).ravel(),
+                                                           minlength=len(data.tokenizer)))
+
+
+def test_validation_documents_shorter_than_a_block_fall_back_to_blocks(tmp_path):
+    path = write_jsonl(tmp_path / "few.jsonl", toy_docs(6, words=(20, 25)))
+    data = prepare_blocks(make_cfg(tmp_path, [path], validation_fraction=0.1, block_size=64))
+    assert data.meta["split_by"] == "blocks" and len(data.validation) >= 1 and len(data.train) >= 1
+    again = prepare_blocks(make_cfg(tmp_path, [write_jsonl(tmp_path / "many.jsonl", toy_docs(120))]))
+    assert again.meta["split_by"] == "documents"
+
+
+def test_one_block_corpus_cannot_train_and_validate(tmp_path):
+    path = write_jsonl(tmp_path / "tiny.jsonl", toy_docs(1, words=(30, 30)))
+    with pytest.raises(CorpusTooSmallError, match="two blocks .one to train on, one to validate.; add text or lower"):
+        prepare_blocks(make_cfg(tmp_path, [path], validation_fraction=0.1, block_size=32))

@@ -113,3 +113,17 @@ def test_finetune_files_with_different_columns(tmp_path, capsys):
                  "--eval", str(tmp_path / "eval.csv")]) == 2
     line = error_line(capsys)
     assert f"--eval {tmp_path / 'eval.csv'} has no column(s) ['text']" in line and "--text-column" in line
+
+
+def test_validation_fraction_zero_fails_up_front(tmp_path, corpus, capsys):
+    path = config(tmp_path, corpus)
+    assert pretrain_main([str(path), "data.validation_fraction=0"]) == 2
+    assert "data.validation_fraction is 0, but training evaluates" in error_line(capsys)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists(), "nothing prepared or written"
+
+
+def test_one_document_corpus_trains(tmp_path, corpus, capsys):
+    """The advice of the corpus-too-small error used to be lowering validation_fraction, down to a crash at 0."""
+    (corpus / "a.txt").write_text(" ".join(toy_corpus(n_docs=120, seed=1)) + "\n")
+    assert pretrain_main([str(config(tmp_path, corpus))]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "step-2" / "COMPLETE").exists()

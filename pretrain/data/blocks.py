@@ -4,6 +4,8 @@ Each split's documents form one token stream ``doc1 [SEP] doc2 [SEP] ...`` that 
 ``data.block_size`` tokens ``[CLS] t_1 ... t_{L-2} [SEP]`` (no padding; the last partial block is dropped). Beside the
 ids each block stores block-local word ids: 0, 1, 2, ... for real tokens (the pieces of one word share an id; a word
 cut by the block start gets a new id) and -1 for [CLS]/[SEP]. Whole-word masking and SpanBERT read them.
+The splits are drawn by document (seeded); a corpus of too few documents for that to give both splits a block (e.g.
+one long document) is split by blocks instead: the last ``validation_fraction`` of its blocks are the validation split.
 
 The blocks live in ``{cache_dir}/blocks/{key}/`` as .npy files (ids uint16 when the vocabulary fits, else uint32;
 word ids int16), with ``meta.json`` and the train-split unigram counts; ``key`` hashes the corpus fingerprint, the
@@ -248,6 +250,81 @@ def _count_tokens(tokenized: Dataset) -> tuple[int, int]:
     return total, n_docs
 
 
+@dataclass
+class _Split:
+    """Where a split's blocks come from: rows ``[first, first + blocks)`` of the packed stream of ``tokenized``."""
+
+    tokenized: Dataset | None
+    first: int
+    blocks: int
+    documents: int
+    stream_tokens: int
+
+
+def _document_splits(corpus: Dataset, tokenizer, settings: dict, tmp: Path) -> dict[str, _Split]:
+    """The seeded split by document: each split is the whole stream of its own documents."""
+    inner = settings["block_size"] - 2
+    splits = {}
+    for split, idx in zip(SPLITS, split_documents(len(corpus), settings["validation_fraction"], settings["seed"])):
+        tokenized = tokenize_documents(corpus.select(idx), tokenizer, tmp / f"tokens-{split}.arrow") if len(idx) else None
+        stream = _count_tokens(tokenized)[0] if tokenized is not None else 0
+        splits[split] = _Split(tokenized, 0, stream // inner, len(idx), stream)
+    return splits
+
+
+def _block_splits(corpus: Dataset, tokenizer, settings: dict, tmp: Path) -> dict[str, _Split]:
+    """The split by blocks, for corpora of too few documents to split by document: the last
+    ``validation_fraction`` of the blocks of the whole stream (at least one) is the validation split."""
+    tokenized = tokenize_documents(corpus, tokenizer, tmp / "tokens-all.arrow")
+    stream = _count_tokens(tokenized)[0]
+    total = stream // (settings["block_size"] - 2)
+    n_val = min(max(1, round(settings["validation_fraction"] * total)), total)
+    return {"train": _Split(tokenized, 0, total - n_val, len(corpus), stream),
+            "validation": _Split(tokenized, total - n_val, n_val, len(corpus), stream)}
+
+
+def _plan_splits(corpus: Dataset, tokenizer, settings: dict, tmp: Path) -> tuple[dict[str, _Split], str]:
+    """Split by document, or by blocks when that leaves a split without a block; ``(splits, "documents" or
+    "blocks")``. Raises :class:`CorpusTooSmallError` when the training split still has no block."""
+    splits, split_by = _document_splits(corpus, tokenizer, settings, tmp), "documents"
+    if settings["validation_fraction"] > 0 and not all(s.blocks for s in splits.values()):
+        logger.warning("%d documents give the train/validation split by document %d/%d blocks: splitting the "
+                       "token stream by blocks instead", len(corpus), splits["train"].blocks,
+                       splits["validation"].blocks)
+        splits, split_by = _block_splits(corpus, tokenizer, settings, tmp), "blocks"
+    train, block_size = splits["train"], settings["block_size"]
+    if train.blocks == 0:
+        need = "two blocks (one to train on, one to validate)" if split_by == "blocks" else "one block"
+        raise CorpusTooSmallError(
+            f"corpus too small for block_size {block_size}: got {train.stream_tokens} tokens in the training split "
+            f"({train.documents} documents) but a block holds {block_size - 2} and training needs {need}; add text "
+            "or lower data.block_size"
+        )
+    return splits, split_by
+
+
+def _write_split(split: _Split, block_size: int, tokenizer, ids_dtype, tmp: Path, name: str,
+                 unigram: np.ndarray | None) -> None:
+    """Pack ``split`` into ``{name}_input_ids.npy`` / ``{name}_word_ids.npy``; count its tokens into ``unigram``."""
+    ids_out = np.lib.format.open_memmap(tmp / f"{name}_input_ids.npy", "w+", ids_dtype, (split.blocks, block_size))
+    words_out = np.lib.format.open_memmap(tmp / f"{name}_word_ids.npy", "w+", np.int16, (split.blocks, block_size))
+    row, stop = 0, split.first + split.blocks  # rows of the packed stream
+    if split.blocks:
+        for ids, words in pack_blocks(_token_batches(split.tokenized), block_size, tokenizer.cls_token_id,
+                                      tokenizer.sep_token_id):
+            lo, hi = max(split.first, row), min(stop, row + len(ids))
+            if lo < hi:
+                ids_out[lo - split.first : hi - split.first] = ids[lo - row : hi - row]
+                words_out[lo - split.first : hi - split.first] = words[lo - row : hi - row]
+                if unigram is not None:
+                    unigram += np.bincount(ids[lo - row : hi - row].ravel(), minlength=len(unigram))[:len(unigram)]
+            row += len(ids)
+            if row >= stop:
+                break
+    ids_out.flush()
+    words_out.flush()
+
+
 def _build(corpus: Dataset, tokenizer, settings: dict, out: Path) -> None:
     start = time.perf_counter()
     block_size = settings["block_size"]
@@ -257,49 +334,19 @@ def _build(corpus: Dataset, tokenizer, settings: dict, out: Path) -> None:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        train_idx, val_idx = split_documents(len(corpus), settings["validation_fraction"], settings["seed"])
-        meta = {**settings, "vocab_size": vocab_size, "ids_dtype": np.dtype(ids_dtype).name, "splits": {}}
+        splits, split_by = _plan_splits(corpus, tokenizer, settings, tmp)
+        meta = {**settings, "vocab_size": vocab_size, "ids_dtype": np.dtype(ids_dtype).name, "split_by": split_by,
+                "splits": {}}
         unigram = np.zeros(vocab_size, np.int64)
-        for split, idx in zip(SPLITS, (train_idx, val_idx)):
-            docs = corpus.select(idx)
-            tokenized = tokenize_documents(docs, tokenizer, tmp / f"tokens-{split}.arrow") if len(idx) else None
-            stream, n_docs = _count_tokens(tokenized) if tokenized is not None else (0, 0)
-            n_blocks = stream // (block_size - 2)
-            if split == "train" and n_blocks == 0:
-                raise CorpusTooSmallError(
-                    f"corpus too small for block_size {block_size}: got {stream} tokens in the training split "
-                    f"({n_docs} documents) but a block holds {block_size - 2}; add text, lower data.block_size or "
-                    "data.validation_fraction"
-                )
-            ids_out = np.lib.format.open_memmap(tmp / f"{split}_input_ids.npy", "w+", ids_dtype, (n_blocks, block_size))
-            words_out = np.lib.format.open_memmap(tmp / f"{split}_word_ids.npy", "w+", np.int16, (n_blocks, block_size))
-            row = 0
-            if n_blocks:
-                for ids, words in pack_blocks(
-                    _token_batches(tokenized), block_size, tokenizer.cls_token_id, tokenizer.sep_token_id
-                ):
-                    ids_out[row : row + len(ids)] = ids
-                    words_out[row : row + len(ids)] = words
-                    row += len(ids)
-                    if split == "train":
-                        unigram += np.bincount(ids.ravel(), minlength=vocab_size)[:vocab_size]
-            assert row == n_blocks, (row, n_blocks)
-            ids_out.flush()
-            words_out.flush()
-            del ids_out, words_out
-            if tokenized is not None:
-                del tokenized
-            meta["splits"][split] = {
-                "documents": int(len(idx)),
-                "stream_tokens": int(stream),
-                "blocks": int(n_blocks),
-                "tokens": int(n_blocks * block_size),
+        for name, split in splits.items():
+            _write_split(split, block_size, tokenizer, ids_dtype, tmp, name, unigram if name == "train" else None)
+            meta["splits"][name] = {
+                "documents": int(split.documents),
+                "stream_tokens": int(split.stream_tokens),
+                "blocks": int(split.blocks),
+                "tokens": int(split.blocks * block_size),
             }
-            if split == "validation" and settings["validation_fraction"] > 0 and n_blocks == 0:
-                logger.warning(
-                    "the validation split (%d documents, %d tokens) is shorter than one block of %d: raise "
-                    "data.validation_fraction to evaluate", len(idx), stream, block_size,
-                )
+        del splits  # the memory-mapped Arrow files, before they are removed
         np.save(tmp / "unigram_counts.npy", unigram)
         for f in tmp.glob("tokens-*"):
             f.unlink()  # the intermediate Arrow files of datasets.map
@@ -313,8 +360,9 @@ def _build(corpus: Dataset, tokenizer, settings: dict, out: Path) -> None:
             if not (out / "meta.json").exists():
                 raise  # not a concurrent writer that finished first
         logger.info(
-            "blocks: %d train / %d validation blocks of %d tokens in %.1fs -> %s",
-            meta["splits"]["train"]["blocks"], meta["splits"]["validation"]["blocks"], block_size, meta["seconds"], out,
+            "blocks: %d train / %d validation blocks of %d tokens (split by %s) in %.1fs -> %s",
+            meta["splits"]["train"]["blocks"], meta["splits"]["validation"]["blocks"], block_size, split_by,
+            meta["seconds"], out,
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
