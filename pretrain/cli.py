@@ -21,7 +21,7 @@ def pretrain_main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 output_dir=runs/x")
     parser.add_argument("--overwrite", action="store_true",
                         help="if OUTPUT_DIR holds a run with another config, move it aside and start afresh")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # --overwrite may come anywhere among the overrides
 
     import datasets
 

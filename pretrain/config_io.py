@@ -154,8 +154,8 @@ def build(cls, data: dict, prefix: str, errors: list[str]):
             continue
         if key not in fields:
             valid = [*fields, *section_types]
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            close = closest_key(key, valid)
+            hint = f"; did you mean '{prefix}{close}'?" if close else f"; valid keys: {', '.join(valid)}"
             errors.append(f"unknown key '{prefix}{key}'{hint}")
             continue
         f = fields[key]
@@ -181,6 +181,20 @@ def build(cls, data: dict, prefix: str, errors: list[str]):
     except ValueError as e:
         errors.append(str(e))
         return None
+
+
+def closest_key(key: str, valid: list[str]) -> str | None:
+    """The valid key a typo'd ``key`` most likely means: one it extends or abbreviates at a word boundary
+    (``lr_rate`` -> ``lr``, ``warmup`` -> ``warmup_steps``), else the closest spelling (difflib), else None."""
+    def extends(longer: str, shorter: str) -> bool:
+        return longer.startswith(shorter) and longer[len(shorter)] in "_."
+
+    related = [v for v in valid if v != key and len(v) != len(key) and
+               (extends(key, v) if len(key) > len(v) else extends(v, key))]
+    if related:
+        return max(related, key=lambda v: difflib.SequenceMatcher(None, key, v).ratio())
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return close[0] if close else None
 
 
 def build_root(cls, data: dict):

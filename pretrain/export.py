@@ -57,6 +57,17 @@ def _load_backprop_checkpoint(cfg, path: Path, tokenizer):
     return objective, model
 
 
+def _no_checkpoint_message(root: Path, wanted: Path | None) -> str:
+    """Why ``wanted`` (None: the newest) cannot be exported, naming the complete checkpoints there are."""
+    from .checkpoint import COMPLETE, list_checkpoints
+
+    complete = [p.name for _, p in list_checkpoints(root) if (p / COMPLETE).is_file()]
+    if wanted is None or not complete:
+        return f"no complete checkpoint to export under {root}"
+    problem = "is incomplete (no COMPLETE marker)" if wanted.is_dir() else "does not exist"
+    return f"checkpoint {wanted} {problem}; complete checkpoints of this run: {', '.join(complete)}"
+
+
 def export_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None, out: str | Path | None = None) -> Path:
     """Rebuild the model of a pretraining run, load a checkpoint's weights (a decoupled run's chunks are stitched
     back into one model) and export it as the end of training does. Returns the export directory."""
@@ -78,7 +89,7 @@ def export_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None,
         return out
     path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir / "checkpoints")
     if path is None or not (path / COMPLETE).is_file():
-        raise FileNotFoundError(f"no complete checkpoint to export under {run_dir / 'checkpoints'}")
+        raise FileNotFoundError(_no_checkpoint_message(run_dir / "checkpoints", path))
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
     objective, model = _load_backprop_checkpoint(cfg, path, tokenizer)
     write_export(objective, model, out, tokenizer, cfg)

@@ -117,3 +117,21 @@ def test_saved_config_is_never_seen_half_written(tmp_path):
         reads += 1
     writer.join()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]  # no temporary file left behind
+
+
+def test_did_you_mean_prefers_the_key_a_typo_extends_or_abbreviates():
+    with pytest.raises(ConfigError, match="unknown key 'train.lr_rate'; did you mean 'train.lr'"):
+        load_config("configs/tiny.yaml", ["train.lr_rate=1e-4"])
+    with pytest.raises(ConfigError, match="did you mean 'train.warmup_steps'"):
+        load_config("configs/tiny.yaml", ["train.warmup=10"])
+
+
+def test_warmup_not_shorter_than_the_run_warns(caplog):
+    from pretrain.rundir import check_training_config
+
+    for overrides, warns in ((["train.warmup_steps=100", "train.max_steps=100"], True),
+                             (["train.warmup_steps=10", "train.max_steps=100"], False),
+                             (["train.warmup_steps=100", "train.max_steps=50", "train.schedule=onecycle"], False)):
+        caplog.clear()
+        check_training_config(load_config("configs/tiny.yaml", overrides))
+        assert ("train.warmup_steps (100) >= train.max_steps" in caplog.text) is warns, overrides

@@ -127,3 +127,28 @@ def test_one_document_corpus_trains(tmp_path, corpus, capsys):
     (corpus / "a.txt").write_text(" ".join(toy_corpus(n_docs=120, seed=1)) + "\n")
     assert pretrain_main([str(config(tmp_path, corpus))]) == 0
     assert (tmp_path / "run" / "checkpoints" / "step-2" / "COMPLETE").exists()
+
+
+# ----------------------------------------------------------------------------------------------- friction
+
+
+def test_overwrite_may_come_among_the_overrides(tmp_path, capsys):
+    argv = [str(tmp_path / "missing.yaml"), "train.lr=1e-4", "--overwrite", "train.max_steps=2"]
+    assert pretrain_main(argv) == 2  # argparse used to exit with "unrecognized arguments: train.max_steps=2"
+    assert "config file not found" in error_line(capsys)
+
+
+def test_export_of_a_missing_checkpoint_names_the_complete_ones(tmp_path, capsys):
+    from pretrain.cli import export_main
+    from pretrain.config import load_config, save_config
+
+    run = tmp_path / "run"
+    for step in (2, 4):
+        (run / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (run / "checkpoints" / f"step-{step}" / "COMPLETE").write_text("ok\n")
+    (run / "checkpoints" / "step-6").mkdir()
+    save_config(load_config("configs/tiny.yaml"), run / "config.yaml")
+    assert export_main([str(run), "--checkpoint", str(run / "checkpoints" / "step-5")]) == 2
+    assert error_line(capsys).endswith("step-5 does not exist; complete checkpoints of this run: step-2, step-4")
+    assert export_main([str(run), "--checkpoint", str(run / "checkpoints" / "step-6")]) == 2
+    assert "step-6 is incomplete (no COMPLETE marker); complete checkpoints of this run: step-2" in error_line(capsys)
