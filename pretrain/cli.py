@@ -38,6 +38,7 @@ def pretrain_main(argv: list[str] | None = None) -> int:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
 
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         fit(cfg, overwrite=args.overwrite)
@@ -45,14 +46,15 @@ def pretrain_main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: {os_error_message(e)}", file=sys.stderr)
+        print(f"error: {os_error_message(e, cfg.output_dir if cfg else None)}", file=sys.stderr)
         return 2
     return 0
 
 
-def os_error_message(e: OSError) -> str:
-    """One line naming the file an OS call failed on, the cause and the fix (a full disk says how much is free)."""
-    path = e.filename or "?"
+def os_error_message(e: OSError, fallback: str | None = None) -> str:
+    """One line naming the file an OS call failed on (``fallback``: the folder written to, when the error names
+    none), the cause and the fix (a full disk says how much is free)."""
+    path = e.filename or fallback or os.getcwd()
     if e.errno == errno.ENOSPC:
         return (f"no space left on the device holding {path} ({_free_space(path)} free): free some space, or set "
                 "output_dir / data.cache_dir to a disk with room")
@@ -109,11 +111,15 @@ def prepare_data_main(argv: list[str] | None = None) -> int:
     from .data.demo import DemoCorpusError
 
     start = time.perf_counter()
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         data = prepare_blocks(cfg)
     except (ConfigError, ValueError, FileNotFoundError, DemoCorpusError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {os_error_message(e, cfg.data.cache_dir if cfg else None)}", file=sys.stderr)
         return 2
     splits = data.meta["splits"]
     summary = {

@@ -152,3 +152,28 @@ def test_export_of_a_missing_checkpoint_names_the_complete_ones(tmp_path, capsys
     assert error_line(capsys).endswith("step-5 does not exist; complete checkpoints of this run: step-2, step-4")
     assert export_main([str(run), "--checkpoint", str(run / "checkpoints" / "step-6")]) == 2
     assert "step-6 is incomplete (no COMPLETE marker); complete checkpoints of this run: step-2" in error_line(capsys)
+
+
+def test_full_disk_without_a_file_name_names_the_folder(tmp_path, corpus, capsys, monkeypatch):
+    from pretrain.cli import prepare_data_main
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("pretrain.data.prepare_blocks", full)
+    assert prepare_data_main([str(config(tmp_path, corpus))]) == 2
+    assert f"no space left on the device holding {tmp_path / 'cache'} (" in error_line(capsys)
+
+
+def test_full_disk_while_datasets_reads_the_corpus(tmp_path, corpus, capsys, monkeypatch):
+    import datasets
+
+    def full(*args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "cache" / "hf-datasets" / "x"))
+        except OSError as e:
+            raise datasets.exceptions.DatasetGenerationError("An error occurred while generating the dataset") from e
+
+    monkeypatch.setattr("pretrain.data.corpus.datasets.load_dataset", full)
+    assert pretrain_main([str(config(tmp_path, corpus))]) == 2
+    assert f"no space left on the device holding {tmp_path / 'cache' / 'hf-datasets' / 'x'} (" in error_line(capsys)

@@ -172,6 +172,9 @@ def _load_files(builder: str, files: list[str], cache_dir: str) -> Dataset:
         if any(type(c).__name__ == "SchemaInferenceError" for c in causes):
             raise EmptyCorpusError(f"data.files: {_names(files)} holds no document (empty file); add text to it or "
                                    "remove it from data.files") from e
+        os_error = next((c for c in causes if isinstance(c, OSError)), None)
+        if os_error is not None:  # e.g. a full disk under data.cache_dir: the CLI names it
+            raise os_error from e
         raise
 
 
