@@ -47,7 +47,8 @@ class DataConfig:
     max_documents: int | None = None
     """Keep only the first N documents (quick experiments)."""
     validation_fraction: float = 0.02
-    """Fraction of documents held out for validation (split by document, seeded)."""
+    """Fraction of documents held out for validation (split by document, seeded; a corpus of too few documents is
+    split by blocks). Training needs it > 0; 0 puts every block in the train split (data preparation only)."""
     block_size: int = 128
     """Tokens per packed block, including [CLS] and the final [SEP]."""
     cache_dir: str = "~/.cache/encoder-pretrain"

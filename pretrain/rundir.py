@@ -55,8 +55,8 @@ def check_training_config(cfg: Config) -> None:
                           "is split by blocks)")
     t = cfg.train
     if t.schedule != "onecycle" and t.warmup_steps >= t.max_steps:
-        logger.warning("train.warmup_steps (%d) >= train.max_steps (%d): the LR never leaves its warmup (it never "
-                       "reaches train.lr, nor decays); lower train.warmup_steps, e.g. to %d", t.warmup_steps,
+        logger.warning("train.warmup_steps (%d) >= train.max_steps (%d): the run ends before the LR warmup does "
+                       "(the LR never decays); lower train.warmup_steps, e.g. to %d", t.warmup_steps,
                        t.max_steps, max(1, t.max_steps // 10))
 
 

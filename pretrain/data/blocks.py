@@ -321,6 +321,7 @@ def _write_split(split: _Split, block_size: int, tokenizer, ids_dtype, tmp: Path
             row += len(ids)
             if row >= stop:
                 break
+        assert row >= stop, (row, stop)
     ids_out.flush()
     words_out.flush()
 
