@@ -463,3 +463,14 @@ def test_one_block_corpus_cannot_train_and_validate(tmp_path):
     path = write_jsonl(tmp_path / "tiny.jsonl", toy_docs(1, words=(30, 30)))
     with pytest.raises(CorpusTooSmallError, match="two blocks .one to train on, one to validate.; add text or lower"):
         prepare_blocks(make_cfg(tmp_path, [path], validation_fraction=0.1, block_size=32))
+
+
+@pytest.mark.parametrize("name, content, offset", [("bad.jsonl", b'{"text": "caf\xe9"}\n', 13),
+                                                   ("bad.csv", b"text\ncaf\xe9\n", 8)])
+def test_non_utf8_json_and_csv_name_the_file_and_offset(tmp_path, name, content, offset):
+    from pretrain.data.corpus import CorpusEncodingError
+
+    good = write_jsonl(tmp_path / "good.jsonl", toy_docs(3))
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CorpusEncodingError, match=rf"{name} is not UTF-8 text \(byte 0xe9 at offset {offset}\)"):
+        load_corpus(data_cfg(tmp_path, files=[str(good), str(tmp_path / name)]))

@@ -112,7 +112,12 @@ def load_corpus(data_cfg) -> Dataset:
 
     corpus = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     n_loaded = len(corpus)
-    corpus = corpus.filter(_non_empty, batched=True, batch_size=10_000, desc="dropping empty documents")
+    try:
+        corpus = corpus.filter(_non_empty, batched=True, batch_size=10_000, desc="dropping empty documents")
+    except UnicodeDecodeError as e:  # the json builder keeps invalid UTF-8 bytes in its strings
+        if not data_cfg.files:
+            raise
+        raise _encoding_error([str(p) for p in resolve_files(data_cfg.files)], e) from e
     if len(corpus) == 0:
         raise EmptyCorpusError(
             f"the corpus is empty: {n_loaded} documents were read but none has non-whitespace text; check "
