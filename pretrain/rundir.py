@@ -21,7 +21,7 @@ def prepare_run_dir(cfg: Config, overwrite: bool, is_main: bool) -> Path:
     """Create the output dir, refusing one that holds a run with a different config. ``overwrite`` moves the old
     run aside to ``OUTPUT_DIR.bak-<time>`` (nothing is deleted) and starts afresh. The config is saved later, by
     :func:`save_run_config`, once the run has passed its checks: a run that failed before has no config to keep."""
-    check_training_config(cfg)
+    check_training_config(cfg, warn=is_main)
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"output_dir {out} is a file, not a directory: set output_dir to a new path")
@@ -47,14 +47,15 @@ def prepare_run_dir(cfg: Config, overwrite: bool, is_main: bool) -> Path:
     return out
 
 
-def check_training_config(cfg: Config) -> None:
-    """What a valid config may still get wrong for training: refuse what cannot train, warn about what trains badly."""
+def check_training_config(cfg: Config, warn: bool = True) -> None:
+    """What a valid config may still get wrong for training: refuse what cannot train, warn (with ``warn``: on one
+    process of a launch) about what trains badly."""
     if cfg.data.validation_fraction == 0:
         raise ConfigError("data.validation_fraction is 0, but training evaluates on the validation split (at least at "
                           "the end): set it > 0, e.g. data.validation_fraction=0.01 (a corpus of too few documents "
                           "is split by blocks)")
     t = cfg.train
-    if t.schedule != "onecycle" and t.warmup_steps >= t.max_steps:
+    if warn and t.schedule != "onecycle" and t.warmup_steps >= t.max_steps:
         logger.warning("train.warmup_steps (%d) >= train.max_steps (%d): the run ends before the LR warmup does "
                        "(the LR never decays); lower train.warmup_steps, e.g. to %d", t.warmup_steps,
                        t.max_steps, max(1, t.max_steps // 10))

@@ -177,3 +177,12 @@ def test_full_disk_while_datasets_reads_the_corpus(tmp_path, corpus, capsys, mon
     monkeypatch.setattr("pretrain.data.corpus.datasets.load_dataset", full)
     assert pretrain_main([str(config(tmp_path, corpus))]) == 2
     assert f"no space left on the device holding {tmp_path / 'cache' / 'hf-datasets' / 'x'} (" in error_line(capsys)
+
+
+def test_unwritable_path_message():
+    from pretrain.cli import os_error_message
+
+    for code in (errno.EACCES, errno.EROFS):
+        message = os_error_message(OSError(code, os.strerror(code), "/data/run/config.yaml"))
+        assert message == (f"cannot write /data/run/config.yaml ({os.strerror(code)}): fix the folder's permissions, "
+                           "or set output_dir / data.cache_dir to a writable folder")
