@@ -57,6 +57,16 @@ def train_loader(cfg: Config, step_runner, collator, data, start_step: int):
                        num_workers=cfg.data.num_workers, pin_memory=step_runner.device.type == "cuda")
 
 
+def start_banner(cfg: Config, step_runner) -> str:
+    """One line: processes, device, precision, global batch (blocks and tokens per step) and steps."""
+    t = cfg.train
+    blocks = step_runner.replicas * t.grad_accum * t.micro_batch_size
+    return (f"training: {step_runner.world_size} process(es) ({step_runner.replicas} data-parallel), device "
+            f"{step_runner.device.type}, precision {t.precision}, global batch {blocks} blocks = "
+            f"{blocks * cfg.data.block_size} tokens per step ({step_runner.replicas} x {t.grad_accum} accumulated "
+            f"x {t.micro_batch_size}), {t.max_steps} steps")
+
+
 def fit(cfg: Config, overwrite: bool = False, data=None) -> dict:
     """Train ``cfg`` to ``cfg.train.max_steps``, resuming from the newest checkpoint in ``cfg.output_dir``, then
     export. ``data``: prepared blocks (``tokenizer``, ``train``, ``validation``, ``unigram_counts``) instead of
@@ -79,6 +89,8 @@ def fit(cfg: Config, overwrite: bool = False, data=None) -> dict:
             print(f"resumed from {resume} (step {state['step']})", flush=True)
 
     tokens_per_step = step_runner.replicas * t.grad_accum * t.micro_batch_size * cfg.data.block_size
+    if step_runner.is_logger:
+        print(start_banner(cfg, step_runner), flush=True)
     batches = iter(train_loader(cfg, step_runner, collator, data, state["step"]))
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
     flops_per_step = tokens_per_step * train_flops_per_token(n_params, cfg.model.num_layers, cfg.model.hidden_size,

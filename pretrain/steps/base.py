@@ -10,6 +10,7 @@ exports, so the loop never assumes a collective in log, evaluation or save.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -81,6 +82,26 @@ class StepStrategy:
 
     def close(self) -> None:
         """Release the processes' resources."""
+
+
+class LaunchError(ValueError):
+    """The processes launched are not the ones the launch asked for."""
+
+
+#: environment variables holding a launch's process count: torchrun/accelerate, then MPI's (accelerate's order)
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_processes() -> int:
+    """The processes of this launch (torchrun, accelerate's launchers, mpirun). Refuses ``accelerate launch
+    --num_processes N --cpu``, which starts ONE process (accelerate spreads CPU processes only under mpirun): a
+    silent single-process run would be taken for an N-process one."""
+    env = os.environ
+    world = next((int(env[k]) for k in WORLD_SIZE_VARS if k in env), None)
+    if world is None and env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_PORT" in env:
+        raise LaunchError("accelerate launch --num_processes N --cpu starts one process, not N; for N CPU "
+                           "processes run: torchrun --nproc_per_node N scripts/pretrain.py CONFIG (gloo)")
+    return world or 1
 
 
 def seed_everything(seed: int) -> None:
