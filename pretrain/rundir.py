@@ -1,9 +1,14 @@
-"""The run directory: refuse one that holds a different run, save the resolved config, fit the tokenizer."""
+"""The run directory: one run at a time (a lock), refuse one that holds a different run, save the resolved config,
+fit the tokenizer."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import Config, config_differences, config_to_dict, save_config
@@ -11,6 +16,80 @@ from .config import Config, config_differences, config_to_dict, save_config
 
 class RunDirError(RuntimeError):
     """The output directory holds a different run."""
+
+
+class RunDirLocked(RunDirError):
+    """Another live run holds the output directory."""
+
+
+def lock_path(output_dir: str | Path) -> Path:
+    """The lock of ``output_dir``: a sibling file ``OUTPUT_DIR.lock``, so ``--overwrite`` moving the old run aside
+    never moves the lock with it."""
+    out = Path(output_dir).resolve()
+    return out.with_name(out.name + ".lock")
+
+
+def holder_alive(holder: dict) -> bool:
+    """False only for a lock written on this host by a process that no longer exists (a killed run)."""
+    if holder.get("host") != socket.gethostname():
+        return True  # another machine's process cannot be checked from here
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
+def take_lock(path: Path) -> None:
+    """Create ``path`` holding this process' pid, host and start time; refuse a live holder's lock and take over a
+    stale one (with a note)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    for _ in range(2):
+        try:
+            with open(path, "x") as f:
+                json.dump(me, f)
+            return
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = {"pid": "?", "host": "?", "since": "?"}  # being written, or damaged: treat as held
+        if holder_alive(holder):
+            raise RunDirLocked(
+                f"{path.with_suffix('')} is in use by pid {holder['pid']} on {holder['host']} since "
+                f"{holder['since']} (lock {path}); wait for that run to end or use another output_dir "
+                "(if that process is gone, delete the lock file)")
+        print(f"taking over the stale lock {path} of pid {holder['pid']} (started {holder['since']}, "
+              "no longer running)", flush=True)
+        path.unlink(missing_ok=True)
+    raise RunDirLocked(f"could not take the lock {path}: another run is starting on it; retry")
+
+
+@contextmanager
+def run_dir_lock(output_dir: str | Path, is_main: bool):
+    """Hold ``output_dir``'s lock for the body: only the main process of a launch takes it (the others of the same
+    launch share it), and releases it at the end, on an exception too."""
+    if not is_main:
+        yield
+        return
+    path = lock_path(output_dir)
+    take_lock(path)
+    try:
+        yield
+    finally:
+        release_lock(path)
+
+
+def release_lock(path: Path) -> None:
+    """Remove ``path`` if this process still holds it."""
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass  # gone or replaced: nothing of ours to release
 
 
 def prepare_run_dir(cfg: Config, overwrite: bool, is_main: bool) -> Path:

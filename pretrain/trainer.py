@@ -26,7 +26,7 @@ from .data.stream import StreamDataset, make_loader
 from .ewc import resolve_source
 from .export import write_export
 from .metrics import MetricsLogger, peak_flops, train_flops_per_token, weighted_loss
-from .rundir import check_tokenizer, prepare_run_dir
+from .rundir import check_tokenizer, prepare_run_dir, run_dir_lock
 from .schedules import lr_for
 from .steps import build_step, seed_everything
 
@@ -72,8 +72,14 @@ def fit(cfg: Config, overwrite: bool = False, data=None) -> dict:
     export. ``data``: prepared blocks (``tokenizer``, ``train``, ``validation``, ``unigram_counts``) instead of
     ``prepare_blocks(cfg)`` (tests). Returns the final validation metrics ({} on processes that hold none)."""
     cfg = resolve_source(cfg)  # continued pretraining (train.ewc.source): checked before anything is written
-    t = cfg.train
     step_runner = build_step(cfg)  # launches or joins the processes, picks the device
+    with run_dir_lock(cfg.output_dir, step_runner.is_main):  # one run per output_dir; released on any exit
+        return fit_locked(cfg, step_runner, overwrite, data)
+
+
+def fit_locked(cfg: Config, step_runner, overwrite: bool, data) -> dict:
+    """``fit``'s body under the run directory's lock."""
+    t = cfg.train
     out = prepare_run_dir(cfg, overwrite, step_runner.is_main)
     step_runner.barrier()
     data, tokenizer, objective, collator, model = setup(cfg, step_runner, out, data)
