@@ -103,7 +103,8 @@ def fit_locked(cfg: Config, step_runner, overwrite: bool, data) -> dict:
                                                              cfg.data.block_size)
     device = step_runner.device
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
-    logger = MetricsLogger(out, step_runner.is_logger, cfg.log.tensorboard, t.max_steps)
+    logger = MetricsLogger(out, step_runner.is_logger, cfg.log.tensorboard, t.max_steps,
+                           resumed_at=state["step"] if resume else None)
     logger.log({"event": "resume" if resume else "start", "step": state["step"], "world_size": step_runner.world_size,
                 **step_runner.describe(), "config": config_to_dict(cfg)}, prefix="run")
 

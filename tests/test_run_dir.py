@@ -1,5 +1,5 @@
 """The run directory's guards: exports readable as the umask allows, one run per output_dir at a time (a lock,
-stale ones taken over)."""
+stale ones taken over), and metrics.jsonl / TensorBoard cut back to the resumed step."""
 
 import json
 import os
@@ -115,6 +115,14 @@ def test_cli_refuses_a_locked_output_dir_and_writes_nothing(run_config, live_pid
     assert not (run_config.parent / "run").exists()
 
 
+def tensorboard_steps(run, tag="train/loss") -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
 def test_stale_lock_is_taken_over_and_a_finished_run_leaves_none(run_config, tmp_path):
     from pretrain.rundir import lock_path
 
@@ -126,3 +134,17 @@ def test_stale_lock_is_taken_over_and_a_finished_run_leaves_none(run_config, tmp
     assert f"taking over the stale lock {lock_path(run)} of pid {dead.pid}" in out.stdout
     assert (run / "export" / "model.safetensors").is_file()
     assert not lock_path(run).exists(), "a finished run leaves no lock behind"
+
+
+def test_resume_cuts_the_logs_back_to_the_checkpoint(run_config, tmp_path):
+    """A run that logged past its newest complete checkpoint (step-4 removed: the newest is step-2) resumes there
+    and ends with one record per step, in order, in metrics.jsonl and TensorBoard."""
+    run = tmp_path / "run"
+    run_cli(run_config)
+    shutil.rmtree(run / "checkpoints" / "step-4")
+    out = run_cli(run_config)
+    assert "resumed from" in out.stdout and "(step 2)" in out.stdout
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
+    assert [r["event"] for r in records if r["split"] == "run"] == ["start", "resume"]
+    assert tensorboard_steps(run) == [1, 2, 3, 4]
