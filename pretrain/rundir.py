@@ -30,16 +30,22 @@ def lock_path(output_dir: str | Path) -> Path:
 
 
 def holder_alive(holder: dict) -> bool:
-    """False only for a lock written on this host by a process that no longer exists (a killed run)."""
+    """False only for a lock written on this host by a process that no longer runs (a killed run; a zombie, killed
+    but not yet reaped, counts as gone)."""
     if holder.get("host") != socket.gethostname():
         return True  # another machine's process cannot be checked from here
+    pid = int(holder["pid"])
     try:
-        os.kill(int(holder["pid"]), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # alive, another user's
-    return True
+        pass  # alive, another user's
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux), or it just ended: the signal said alive
 
 
 def take_lock(path: Path) -> None:

@@ -8,6 +8,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,17 @@ def test_resume_cuts_the_logs_back_to_the_checkpoint(run_config, tmp_path):
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
     assert [r["event"] for r in records if r["split"] == "run"] == ["start", "resume"]
     assert tensorboard_steps(run) == [1, 2, 3, 4]
+
+
+def test_a_killed_unreaped_holder_counts_as_gone(tmp_path):
+    from pretrain.rundir import lock_path, run_dir_lock
+
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.time() < deadline
+        time.sleep(0.02)
+    write_lock(tmp_path / "run", zombie.pid)
+    with run_dir_lock(tmp_path / "run", is_main=True):
+        assert json.loads(lock_path(tmp_path / "run").read_text())["pid"] == os.getpid()
+    zombie.wait()
