@@ -3,6 +3,7 @@ fit the tokenizer."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -70,8 +71,21 @@ def take_lock(path: Path) -> None:
                 "(if that process is gone, delete the lock file)")
         print(f"taking over the stale lock {path} of pid {holder['pid']} (started {holder['since']}, "
               "no longer running)", flush=True)
-        path.unlink(missing_ok=True)
+        remove_stale(path, holder)
     raise RunDirLocked(f"could not take the lock {path}: another run is starting on it; retry")
+
+
+def remove_stale(path: Path, holder: dict) -> None:
+    """Delete the lock ``path`` of the dead ``holder`` unless another run took it over meanwhile: under ``flock``
+    the file must still be the one opened and still name ``holder`` (two runs restarted at once must not delete
+    each other's new lock)."""
+    try:
+        with open(path) as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino and json.loads(f.read() or "null") == holder:
+                path.unlink()
+    except (FileNotFoundError, ValueError):
+        pass  # removed or replaced by another run: the next attempt to create the lock decides
 
 
 @contextmanager

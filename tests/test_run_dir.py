@@ -163,3 +163,15 @@ def test_a_killed_unreaped_holder_counts_as_gone(tmp_path):
     with run_dir_lock(tmp_path / "run", is_main=True):
         assert json.loads(lock_path(tmp_path / "run").read_text())["pid"] == os.getpid()
     zombie.wait()
+
+
+def test_a_stale_lock_replaced_meanwhile_is_not_removed(tmp_path, live_pid):
+    """Two runs restarted at once both judged the old lock stale: the slower one must not delete the new lock."""
+    from pretrain.rundir import lock_path, remove_stale
+
+    write_lock(tmp_path / "run", live_pid)  # the faster run's new lock
+    stale = {"pid": 999999, "host": socket.gethostname(), "since": "2026-01-01 00:00"}
+    remove_stale(lock_path(tmp_path / "run"), stale)
+    assert json.loads(lock_path(tmp_path / "run").read_text())["pid"] == live_pid
+    remove_stale(lock_path(tmp_path / "run"), json.loads(lock_path(tmp_path / "run").read_text()))
+    assert not lock_path(tmp_path / "run").exists()
