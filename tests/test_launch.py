@@ -56,11 +56,14 @@ def test_torchrun_on_cpu_trains_one_data_parallel_run(corpus, tmp_path):
     assert one.stdout.count("training: 1 process(es) (1 data-parallel), device cpu") == 1
 
 
-def test_accelerate_cpu_launch_that_starts_one_process_is_refused(corpus, tmp_path):
+@pytest.mark.parametrize("flags", [["--cpu"], []], ids=["cpu", "no-gpu"])
+def test_accelerate_launch_that_starts_one_process_is_refused(corpus, tmp_path, flags):
+    """On CPU, accelerate launch --num_processes 2 (with or without --cpu) runs its single-process launcher."""
     cfg = write_tiny_config(tmp_path / "c.yaml", corpus, tmp_path / "cache", device="auto")
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", *flags,
                            "--main_process_port", str(free_port()), SCRIPT, str(cfg)],
                           capture_output=True, text=True, env=ENV, timeout=300)
-    assert proc.returncode != 0
-    assert "starts one process, not N" in proc.stderr and "torchrun --nproc_per_node N" in proc.stderr
+    assert proc.returncode != 0  # accelerate exits 1 on its child's 2
+    assert "error: accelerate launch --num_processes N started one process, not N" in proc.stderr
+    assert "torchrun --nproc_per_node N" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -94,13 +94,14 @@ WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_W
 
 def launched_processes() -> int:
     """The processes of this launch (torchrun, accelerate's launchers, mpirun). Refuses ``accelerate launch
-    --num_processes N --cpu``, which starts ONE process (accelerate spreads CPU processes only under mpirun): a
-    silent single-process run would be taken for an N-process one."""
+    --num_processes N`` where accelerate falls back to its single-process launcher (``--cpu``, or no GPUs): it
+    starts ONE process (it exports ``MASTER_PORT`` then, no process count), which would be taken for N."""
     env = os.environ
     world = next((int(env[k]) for k in WORLD_SIZE_VARS if k in env), None)
-    if world is None and env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_PORT" in env:
-        raise LaunchError("accelerate launch --num_processes N --cpu starts one process, not N; for N CPU "
-                           "processes run: torchrun --nproc_per_node N scripts/pretrain.py CONFIG (gloo)")
+    if world is None and "ACCELERATE_USE_CPU" in env and "MASTER_PORT" in env:
+        raise LaunchError("accelerate launch --num_processes N started one process, not N (its single-process "
+                          "launcher, used with --cpu or without GPUs); for N CPU processes run: "
+                          "torchrun --nproc_per_node N scripts/pretrain.py CONFIG (gloo)")
     return world or 1
 
 
