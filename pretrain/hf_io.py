@@ -50,8 +50,19 @@ def save_hf(model: nn.Module, out_dir: str | Path, tokenizer) -> None:
     replace_dir(tmp, out_dir)
 
 
+def apply_umask(root: Path) -> None:
+    """Give ``root`` and everything under it the permissions the umask grants new files and directories (undoes
+    ``mkdtemp``'s 0700 and the 0600 of files written through temporary files, so others can read an export)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move directory ``src`` to ``dst``, replacing an existing ``dst`` only after ``src`` is complete."""
+    """Move directory ``src`` to ``dst``, replacing an existing ``dst`` only after ``src`` is complete; ``src``
+    gets the umask's permissions first (:func:`apply_umask`)."""
+    apply_umask(src)
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old")
         if old.exists():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -75,19 +76,36 @@ def weighted_loss(loss_parts: dict[str, tuple[str, float]], metrics: dict[str, f
     return sum(weight * metrics.get(part, 0.0) for part, (_, weight) in loss_parts.items())
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records of ``metrics.jsonl`` past ``step`` (a resumed run logs them again), atomically: a temporary
+    file is written, then renamed over the log."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
     """Writes one JSON object per log step to ``metrics.jsonl`` (appending: a resumed run continues the file),
-    mirrors scalars to TensorBoard when enabled, and prints one progress line. Only the main process writes."""
+    mirrors scalars to TensorBoard when enabled, and prints one progress line. Only the main process writes.
+    ``resumed_at``: the step of the checkpoint resumed from; both logs are cut back to it first, so every step is
+    logged once, in order (TensorBoard: ``purge_step``, which drops events at or after the step given)."""
 
-    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, max_steps: int):
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, max_steps: int,
+                 resumed_at: int | None = None):
         self.enabled = enabled
         self.max_steps = max_steps
         self.path = Path(output_dir) / "metrics.jsonl"
         self.writer = None
+        if enabled and resumed_at is not None:
+            truncate_metrics(self.path, resumed_at)
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            purge = None if resumed_at is None else resumed_at + 1
+            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge)
 
     def log(self, record: dict, prefix: str = "train"):
         if not self.enabled:

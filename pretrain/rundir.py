@@ -1,11 +1,16 @@
-"""The run directory: refuse one that holds a different run, save the resolved config, fit the tokenizer."""
+"""The run directory: one run at a time (a lock), refuse one that holds a different run, save the resolved config,
+fit the tokenizer."""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import os
 import shutil
+import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import Config, ConfigError, config_differences, config_to_dict, save_config
@@ -15,6 +20,99 @@ logger = logging.getLogger(__name__)
 
 class RunDirError(RuntimeError):
     """The output directory holds a different run, or cannot hold one."""
+
+
+class RunDirLocked(RunDirError):
+    """Another live run holds the output directory."""
+
+
+def lock_path(output_dir: str | Path) -> Path:
+    """The lock of ``output_dir``: a sibling file ``OUTPUT_DIR.lock``, so ``--overwrite`` moving the old run aside
+    never moves the lock with it."""
+    out = Path(output_dir).resolve()
+    return out.with_name(out.name + ".lock")
+
+
+def holder_alive(holder: dict) -> bool:
+    """False only for a lock written on this host by a process that no longer runs (a killed run; a zombie, killed
+    but not yet reaped, counts as gone)."""
+    if holder.get("host") != socket.gethostname():
+        return True  # another machine's process cannot be checked from here
+    pid = int(holder["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux), or it just ended: the signal said alive
+
+
+def take_lock(path: Path) -> None:
+    """Create ``path`` holding this process' pid, host and start time; refuse a live holder's lock and take over a
+    stale one (with a note)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    for _ in range(2):
+        try:
+            with open(path, "x") as f:
+                json.dump(me, f)
+            return
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = {"pid": "?", "host": "?", "since": "?"}  # being written, or damaged: treat as held
+        if holder_alive(holder):
+            raise RunDirLocked(
+                f"{path.with_suffix('')} is in use by pid {holder['pid']} on {holder['host']} since "
+                f"{holder['since']} (lock {path}); wait for that run to end or use another output_dir "
+                "(if that process is gone, delete the lock file)")
+        print(f"taking over the stale lock {path} of pid {holder['pid']} (started {holder['since']}, "
+              "no longer running)", flush=True)
+        remove_stale(path, holder)
+    raise RunDirLocked(f"could not take the lock {path}: another run is starting on it; retry")
+
+
+def remove_stale(path: Path, holder: dict) -> None:
+    """Delete the lock ``path`` of the dead ``holder`` unless another run took it over meanwhile: under ``flock``
+    the file must still be the one opened and still name ``holder`` (two runs restarted at once must not delete
+    each other's new lock)."""
+    try:
+        with open(path) as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino and json.loads(f.read() or "null") == holder:
+                path.unlink()
+    except (FileNotFoundError, ValueError):
+        pass  # removed or replaced by another run: the next attempt to create the lock decides
+
+
+@contextmanager
+def run_dir_lock(output_dir: str | Path, is_main: bool):
+    """Hold ``output_dir``'s lock for the body: only the main process of a launch takes it (the others of the same
+    launch share it), and releases it at the end, on an exception too."""
+    if not is_main:
+        yield
+        return
+    path = lock_path(output_dir)
+    take_lock(path)
+    try:
+        yield
+    finally:
+        release_lock(path)
+
+
+def release_lock(path: Path) -> None:
+    """Remove ``path`` if this process still holds it."""
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass  # gone or replaced: nothing of ours to release
 
 
 def prepare_run_dir(cfg: Config, overwrite: bool, is_main: bool) -> Path:

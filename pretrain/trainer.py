@@ -26,7 +26,7 @@ from .data.stream import StreamDataset, make_loader
 from .ewc import resolve_source
 from .export import write_export
 from .metrics import MetricsLogger, peak_flops, train_flops_per_token, weighted_loss
-from .rundir import check_tokenizer, prepare_run_dir, save_run_config
+from .rundir import check_tokenizer, prepare_run_dir, run_dir_lock, save_run_config
 from .schedules import lr_for
 from .steps import build_step, seed_everything
 
@@ -57,13 +57,29 @@ def train_loader(cfg: Config, step_runner, collator, data, start_step: int):
                        num_workers=cfg.data.num_workers, pin_memory=step_runner.device.type == "cuda")
 
 
+def start_banner(cfg: Config, step_runner) -> str:
+    """One line: processes, device, precision, global batch (blocks and tokens per step) and steps."""
+    t = cfg.train
+    blocks = step_runner.replicas * t.grad_accum * t.micro_batch_size
+    return (f"training: {step_runner.world_size} process(es) ({step_runner.replicas} data-parallel), device "
+            f"{step_runner.device.type}, precision {t.precision}, global batch {blocks} blocks = "
+            f"{blocks * cfg.data.block_size} tokens per step ({step_runner.replicas} x {t.grad_accum} accumulated "
+            f"x {t.micro_batch_size}), {t.max_steps} steps")
+
+
 def fit(cfg: Config, overwrite: bool = False, data=None) -> dict:
     """Train ``cfg`` to ``cfg.train.max_steps``, resuming from the newest checkpoint in ``cfg.output_dir``, then
     export. ``data``: prepared blocks (``tokenizer``, ``train``, ``validation``, ``unigram_counts``) instead of
     ``prepare_blocks(cfg)`` (tests). Returns the final validation metrics ({} on processes that hold none)."""
     cfg = resolve_source(cfg)  # continued pretraining (train.ewc.source): checked before anything is written
-    t = cfg.train
     step_runner = build_step(cfg)  # launches or joins the processes, picks the device
+    with run_dir_lock(cfg.output_dir, step_runner.is_main):  # one run per output_dir; released on any exit
+        return fit_locked(cfg, step_runner, overwrite, data)
+
+
+def fit_locked(cfg: Config, step_runner, overwrite: bool, data) -> dict:
+    """``fit``'s body under the run directory's lock."""
+    t = cfg.train
     out = prepare_run_dir(cfg, overwrite, step_runner.is_main)
     step_runner.barrier()
     data, tokenizer, objective, collator, model = setup(cfg, step_runner, out, data)
@@ -80,13 +96,16 @@ def fit(cfg: Config, overwrite: bool = False, data=None) -> dict:
             print(f"resumed from {resume} (step {state['step']})", flush=True)
 
     tokens_per_step = step_runner.replicas * t.grad_accum * t.micro_batch_size * cfg.data.block_size
+    if step_runner.is_logger:
+        print(start_banner(cfg, step_runner), flush=True)
     batches = iter(train_loader(cfg, step_runner, collator, data, state["step"]))
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
     flops_per_step = tokens_per_step * train_flops_per_token(n_params, cfg.model.num_layers, cfg.model.hidden_size,
                                                              cfg.data.block_size)
     device = step_runner.device
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
-    logger = MetricsLogger(out, step_runner.is_logger, cfg.log.tensorboard, t.max_steps)
+    logger = MetricsLogger(out, step_runner.is_logger, cfg.log.tensorboard, t.max_steps,
+                           resumed_at=state["step"] if resume else None)
     logger.log({"event": "resume" if resume else "start", "step": state["step"], "world_size": step_runner.world_size,
                 **step_runner.describe(), "config": config_to_dict(cfg)}, prefix="run")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import StepStrategy, seed_everything
+from .base import StepStrategy, launched_processes, seed_everything
 
 #: strategy name -> "module:Class" (imported on demand)
 STEPS = {
@@ -26,6 +26,7 @@ def step_kind(decouple_mode: str) -> str:
 
 def build_step(cfg) -> StepStrategy:
     """The step strategy of ``cfg`` (``decouple.mode``), with its processes launched or joined."""
+    launched_processes()  # refuses a launch that asked for N processes but started one
     module, name = STEPS[step_kind(cfg.decouple.mode)].split(":")
     return getattr(importlib.import_module(module), name)(cfg)
 

@@ -20,7 +20,7 @@ from ..hf_io import unwrap
 from ..metrics import MetricTracker
 from ..optim import build_optimizer, step_if_finite
 from ..schedules import momentum_for, set_lr
-from .base import StepStrategy
+from .base import LaunchError, StepStrategy, launched_processes
 
 
 class PretrainModule(nn.Module):
@@ -71,8 +71,13 @@ class BackpropStep(StepStrategy):
 
         self.cfg = cfg
         precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
-        self.accelerator = Accelerator(mixed_precision=precision, cpu=cfg.train.device == "cpu")
+        cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()  # several CPU processes: gloo DDP
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=cpu)
         a = self.accelerator
+        launched = launched_processes()
+        if a.num_processes != launched:  # never N independent single-process runs in one output_dir
+            raise LaunchError(f"{launched} processes were launched but accelerate formed a group of "
+                               f"{a.num_processes}; launch with torchrun --nproc_per_node N (gloo on CPU)")
         self.device = a.device
         self.world_size = self.replicas = a.num_processes
         self.replica_index = a.process_index

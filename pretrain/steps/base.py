@@ -10,6 +10,7 @@ exports, so the loop never assumes a collective in log, evaluation or save.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -81,6 +82,27 @@ class StepStrategy:
 
     def close(self) -> None:
         """Release the processes' resources."""
+
+
+class LaunchError(ValueError):
+    """The processes launched are not the ones the launch asked for."""
+
+
+#: environment variables holding a launch's process count: torchrun/accelerate, then MPI's (accelerate's order)
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_processes() -> int:
+    """The processes of this launch (torchrun, accelerate's launchers, mpirun). Refuses ``accelerate launch
+    --num_processes N`` where accelerate falls back to its single-process launcher (``--cpu``, or no GPUs): it
+    starts ONE process (it exports ``MASTER_PORT`` then, no process count), which would be taken for N."""
+    env = os.environ
+    world = next((int(env[k]) for k in WORLD_SIZE_VARS if k in env), None)
+    if world is None and "ACCELERATE_USE_CPU" in env and "MASTER_PORT" in env:
+        raise LaunchError("accelerate launch --num_processes N started one process, not N (its single-process "
+                          "launcher, used with --cpu or without GPUs); for N CPU processes run: "
+                          "torchrun --nproc_per_node N scripts/pretrain.py CONFIG (gloo)")
+    return world or 1
 
 
 def seed_everything(seed: int) -> None:
