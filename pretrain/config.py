@@ -312,6 +312,9 @@ class Config:
                 f"({self.model.max_position_embeddings}); lower the block size or raise the position count"
             )
         d = self.decouple
+        problem = d.mode != "none" and modes.unsupported(objectives.objective_class(self.objective.name), d.mode)
+        if problem:  # at config time, before any data is prepared
+            raise ValueError(problem)
         if d.chunks > self.model.num_layers:
             raise ValueError(f"decouple.chunks ({d.chunks}) exceeds model.num_layers ({self.model.num_layers}): "
                              "every chunk needs at least one layer")

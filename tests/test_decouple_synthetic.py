@@ -475,13 +475,17 @@ def test_bad_synthetic_configs_fail_naming_the_fix(tree, message):
 
 
 def test_electra_with_synthetic_gradients_is_refused_naming_local_mode():
+    """Refused at config time, before any data is prepared (issue 17), and again where the model is cut."""
     from pretrain.decouple.run import build_chunked_model
 
     tree = decouple_worker.base_config("unused")
     tree["objective"] = {"name": "electra"}
     tree["decouple"] = {"mode": "synthetic", "chunks": 2}
+    assert_config_rejected(tree, "use decouple.mode=local for electra")
+    cfg = config_from_dict({**tree, "decouple": {"mode": "local", "chunks": 2}})
+    cfg.decouple.mode = "synthetic"  # past the config's check
     with pytest.raises(NotImplementedError, match="use decouple.mode=local for electra"):
-        build_chunked_model(config_from_dict(tree), make_tokenizer())
+        build_chunked_model(cfg, make_tokenizer())
 
 
 def test_decoupled_sg_yaml_parses():

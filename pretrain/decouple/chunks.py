@@ -27,7 +27,7 @@ from torch import nn
 from objectives.base import Objective, encoder_attention_mask
 
 from ..fast import run_layer
-from .modes import stage_class
+from .modes import stage_class, unsupported
 
 #: checkpoint/export keys of the auxiliary heads start with this prefix (followed by the chunk index)
 AUX_PREFIX = "aux."
@@ -142,12 +142,10 @@ class ChunkedModel(nn.Module):
 
     def __init__(self, model: nn.Module, objective: Objective, decouple_cfg):
         super().__init__()
-        mode = decouple_cfg.mode
-        stage = stage_class(mode)  # what the mode adds to the chunks (auxiliary heads, boundary modules)
-        if mode not in objective.decouple_modes:
-            supported = " or ".join(f"decouple.mode={m}" for m in objective.decouple_modes) or "no decoupling"
-            raise NotImplementedError(f"decouple.mode={mode} is not implemented for objective '{objective.name}'"
-                                      f"{stage.needs}; use {supported} for {objective.name}")
+        problem = unsupported(type(objective), decouple_cfg.mode)
+        if problem:
+            raise NotImplementedError(problem)
+        stage = stage_class(decouple_cfg.mode)  # what the mode adds to the chunks (auxiliary heads, boundary modules)
         self.aux_head = decouple_cfg.aux_head
         k_total = decouple_cfg.chunks
         objective.prepare_split(model, k_total)

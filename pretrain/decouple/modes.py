@@ -58,3 +58,15 @@ def options_class(name: str) -> type | None:
 def stage_class(name: str) -> type:
     """The per-chunk stage class of mode ``name``."""
     return _load(_mode(name).stage)
+
+
+def unsupported(objective_cls: type, mode: str) -> str | None:
+    """Why ``objective_cls`` cannot be cut for decoupling mode ``mode`` (it is not in its ``decouple_modes``: the
+    message names what the mode needs and the modes that work), or None when it can."""
+    supported = getattr(objective_cls, "decouple_modes", ())
+    if mode in supported:
+        return None
+    name = getattr(objective_cls, "name", objective_cls.__name__)
+    alternatives = " or ".join(f"decouple.mode={m}" for m in supported) or "no decoupling"
+    return (f"decouple.mode={mode} is not implemented for objective '{name}'{stage_class(mode).needs}; use "
+            f"{alternatives} for {name}")
