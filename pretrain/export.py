@@ -80,16 +80,16 @@ def export_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None,
         raise FileNotFoundError(f"{run_dir} is not a pretraining run (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
     out = Path(out) if out else run_dir / "export"
-    if cfg.decouple.mode != "none":
-        from .decouple.run import load_run, sidecar_files
-
-        chunked, tokenizer, cfg = load_run(run_dir, checkpoint)
-        write_export(chunked.objective, chunked.export_model().float().cpu(), out, tokenizer, cfg,
-                     sidecar_files(chunked))
-        return out
     path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir / "checkpoints")
     if path is None or not (path / COMPLETE).is_file():
         raise FileNotFoundError(_no_checkpoint_message(run_dir / "checkpoints", path))
+    if cfg.decouple.mode != "none":
+        from .decouple.run import load_run, sidecar_files
+
+        chunked, tokenizer, cfg = load_run(run_dir, path)
+        write_export(chunked.objective, chunked.export_model().float().cpu(), out, tokenizer, cfg,
+                     sidecar_files(chunked))
+        return out
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
     objective, model = _load_backprop_checkpoint(cfg, path, tokenizer)
     write_export(objective, model, out, tokenizer, cfg)

@@ -57,6 +57,11 @@ def train_loader(cfg: Config, step_runner, collator, data, start_step: int):
                        num_workers=cfg.data.num_workers, pin_memory=step_runner.device.type == "cuda")
 
 
+def rounded(metrics: dict) -> dict:
+    """Metrics for the console: 4 decimals, without the target counts (``n_*``)."""
+    return {k: round(v, 4) for k, v in metrics.items() if not k.startswith("n_")}
+
+
 def start_banner(cfg: Config, step_runner) -> str:
     """One line: processes, device, precision, global batch (blocks and tokens per step) and steps."""
     t = cfg.train
@@ -113,6 +118,8 @@ def fit_locked(cfg: Config, step_runner, overwrite: bool, data) -> dict:
         metrics = step_runner.evaluate(data.validation)
         if metrics is not None:
             logger.log({"step": at_step, **metrics}, prefix="eval")
+            if step_runner.is_logger and at_step != t.max_steps:  # the final one is printed below
+                print(f"eval step {at_step}: " + json.dumps(rounded(metrics)), flush=True)
         return metrics
 
     if state["step"] == 0 and t.eval_every:
@@ -156,8 +163,7 @@ def fit_locked(cfg: Config, step_runner, overwrite: bool, data) -> dict:
 
     final = log_eval(step)
     if final is not None and step_runner.is_logger:
-        print("final validation: " + json.dumps({k: round(v, 4) for k, v in final.items() if not k.startswith("n_")}),
-              flush=True)
+        print("final validation: " + json.dumps(rounded(final)), flush=True)
     exported = step_runner.export_model(Path(last_checkpoint))
     if exported is not None:  # the logging process: export, and reload the export in a fresh process
         trained, sidecars = exported
