@@ -33,6 +33,7 @@ generator included) and each chunk's forward compiled as its own graph.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +133,18 @@ def apply_fast_path(model: nn.Module, objective: nn.Module, block_size: int, fus
                     "prediction head keeps data-dependent shapes; set objective.mlm.static_count: true for static ones")
     if fuse:
         fuse_encoders(objective.encoders(model))
+
+
+@contextmanager
+def compile_errors_explained():
+    """Around a step that may compile: a failure of the compiler (it runs lazily, at the first call) becomes one
+    error that names the way out, ``model.fast: false``, with the compiler's own error as its cause."""
+    try:
+        yield
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        inner = e.inner_exception
+        raise RuntimeError(f"compiling the fast path failed ({type(inner).__name__}: {str(inner)[:300]}); set "
+                           "model.fast: false to train without it (same model, checkpoints and exports)") from e
 
 
 def compile_step(module: nn.Module) -> None:

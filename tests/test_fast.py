@@ -385,3 +385,29 @@ def test_step_if_finite_skips_a_non_finite_update_entirely(fused):
         for name, value in entry.items():
             assert torch.equal(value, state[key][name]), (key, name)
     assert getattr(opt, "found_inf", None) is None
+
+
+def test_a_failing_compiler_names_model_fast_false(tokenizer, monkeypatch):
+    """The compiler runs lazily, inside the first step: its failure must point at the way out (issue 17)."""
+    import pretrain.steps.backprop
+    from pretrain.config import config_from_dict
+    from pretrain.steps.backprop import BackpropStep
+
+    def broken_backend(graph, example_inputs):
+        raise OSError("no C compiler found")
+
+    monkeypatch.setattr(pretrain.steps.backprop, "compile_step",
+                        lambda module: module.compile(backend=broken_backend, dynamic=False))
+    cfg = config_from_dict({"data": {"files": ["x.txt"], "block_size": 32, "num_workers": 0},
+                            "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
+                                      "max_position_embeddings": 64, "fast": True},
+                            "objective": {"name": "mlm", "mlm": {"static_count": True}},
+                            "train": {"micro_batch_size": 2, "device": "cpu"}, "log": {"tensorboard": False}})
+    objective = get_objective("mlm", tokenizer, seed=0, static_count=True)
+    runner = BackpropStep(cfg)
+    runner.build(objective, objective, None, tokenizer)
+    batch = objective.collate([{"input_ids": [2, *range(10, 40), 3], "index": i} for i in range(2)])
+    with pytest.raises(RuntimeError, match=r"compiling the fast path failed \(OSError: no C compiler found\); "
+                                           r"set model.fast: false"):
+        runner.train_step([batch], 1e-3, 0)
+    torch._dynamo.reset()

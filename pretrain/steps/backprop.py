@@ -15,7 +15,7 @@ from torch import nn
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.stream import to_device, validation_loader
 from ..ewc import prepare_continued
-from ..fast import apply_fast_path, compile_step, fast_enabled
+from ..fast import apply_fast_path, compile_errors_explained, compile_step, fast_enabled
 from ..hf_io import unwrap
 from ..metrics import MetricTracker
 from ..optim import build_optimizer, step_if_finite
@@ -118,7 +118,9 @@ class BackpropStep(StepStrategy):
     def train_step(self, micro_batches: list[dict], lr: float, step: int) -> None:
         t, a = self.cfg.train, self.accelerator
         set_lr(self.optimizer, lr, momentum_for(t, step))  # Adam's beta1 changes under one-cycle only
-        for out in accumulate_gradients(self.module, self.collator, micro_batches, a):
+        with compile_errors_explained():
+            outs = accumulate_gradients(self.module, self.collator, micro_batches, a)
+        for out in outs:
             self.tracker.add(out)
         step_metrics = {"n_steps": torch.ones((), device=a.device)}
         if self.ewc is not None:  # once per step, onto the window's reduced gradients (the same on every process)

@@ -16,7 +16,7 @@ from ..decouple.chunks import ChunkedModel
 from ..decouple.layout import init_distributed, pick_device, resolve_layout
 from ..decouple.pipeline import Pipeline, window_normalizers
 from ..decouple.run import load_chunks, sidecar_files
-from ..fast import apply_fast_path_to_chunks, fast_enabled
+from ..fast import apply_fast_path_to_chunks, compile_errors_explained, fast_enabled
 from .base import StepStrategy
 
 
@@ -52,7 +52,8 @@ class DecoupledStep(StepStrategy):
 
     def train_step(self, micro_batches: list[dict], lr: float, step: int) -> None:
         normalizers = window_normalizers(self.collator, micro_batches, self.device)
-        self.pipeline.train_step(micro_batches, normalizers, lr, step)
+        with compile_errors_explained():
+            self.pipeline.train_step(micro_batches, normalizers, lr, step)
 
     def window_metrics(self) -> dict[str, float] | None:
         metrics = self.pipeline.gather_metrics()
