@@ -1,19 +1,22 @@
-"""Atomic, pickle-free checkpoints: ``checkpoints/step-N/`` holding the model (safetensors), the optimizer, grad
-scaler and registered extras (``torch.save`` of tensors and plain types, read back with ``weights_only=True``),
+"""Atomic, verified, pickle-free checkpoints: ``checkpoints/step-N/`` holding the model (safetensors), the optimizer,
+grad scaler and registered extras (``torch.save`` of tensors and plain types, read back with ``weights_only=True``),
 every process' RNG state (JSON), ``trainer_state.json`` (step, data position, counters) and a ``COMPLETE`` marker
-written last.
+written last: JSON with the sha256 of every other file of the checkpoint.
 
-A checkpoint is assembled in ``.step-N.tmp`` and renamed into place, so a crash never leaves a ``step-N`` that
-cannot be loaded; older complete checkpoints are pruned only after a newer one is complete. A file that does not
-load is reported as damaged, naming the previous complete checkpoint as the way out. No file is ever unpickled into
-arbitrary objects.
+A checkpoint is assembled in ``.step-N.tmp``, its files and directories fsynced, and renamed into place, so a crash
+never leaves a ``step-N`` that cannot be loaded; older complete checkpoints are pruned only after a newer one is
+complete. Before loading, every file is checked against the marker's checksums; a file that is missing, differs, or
+does not load is reported as damaged, naming the previous complete checkpoint as the way out. No file is ever
+unpickled into arbitrary objects.
 
-Checkpoints of the earlier format (accelerate's ``save_state``: RNG in ``random_states_{i}.pkl``) load as they are;
-their RNG pickle is read with ``weights_only=True`` allowing only NumPy's array reconstruction.
+Checkpoints of the earlier format (accelerate's ``save_state``: marker ``ok``, no checksums, RNG in
+``random_states_{i}.pkl``) load without verification; their RNG pickle is read with ``weights_only=True`` allowing
+only NumPy's array reconstruction.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -75,6 +78,66 @@ def read_state(path: Path) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {path / STATE_FILE}: {e}; the checkpoint {path} is corrupt; "
                               f"{way_out(path)}") from e
+
+
+# ------------------------------------------------------------------ checksums
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file or a directory) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files(directory: Path) -> list[str]:
+    """Every file under ``directory`` but the marker, as sorted relative POSIX paths."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                  if p.is_file() and p.name != COMPLETE)
+
+
+def write_marker(directory: Path) -> None:
+    """Fsync every file of ``directory``, then write and fsync the ``COMPLETE`` marker holding their sha256, then
+    fsync the directories: once the marker is on disk, so is everything it names."""
+    files = _files(directory)
+    for rel in files:
+        _fsync(directory / rel)
+    marker = {"format": 2, "sha256": {rel: _sha256(directory / rel) for rel in files}}
+    (directory / COMPLETE).write_text(json.dumps(marker, indent=1) + "\n")
+    _fsync(directory / COMPLETE)
+    for sub in [*(p for p in directory.rglob("*") if p.is_dir()), directory]:
+        _fsync(sub)
+
+
+def verify_checkpoint(path: Path, parts: list[str] | None = None) -> None:
+    """Check the files of checkpoint ``path`` (only those under the top-level entries ``parts``, None: all) against
+    the marker's checksums. A marker without checksums (``ok``, the earlier format) verifies nothing."""
+    with loading(path, path / COMPLETE):
+        text = (path / COMPLETE).read_text()
+    if text.strip() == "ok":
+        return
+    try:
+        checksums = json.loads(text)["sha256"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise damaged(path, path / COMPLETE, f"is not a checkpoint marker ({e})") from e
+    for rel, digest in checksums.items():
+        if parts is not None and rel.split("/")[0] not in parts:
+            continue
+        file = path / rel
+        if not file.is_file():
+            raise damaged(path, file, "is missing")
+        if _sha256(file) != digest:
+            raise damaged(path, file, "does not match the checksum written with it (truncated or overwritten)")
 
 
 # ------------------------------------------------------------------ files of tensors and plain types
@@ -205,11 +268,11 @@ def _save_shared(accelerator, tmp: Path, module, optimizer, extras) -> None:
 
 def commit_checkpoint(root: Path, step: int, tmp: Path, state: dict, keep_last: int) -> Path:
     """Turn the filled temporary directory ``tmp`` into ``root/step-N``: write the trainer state and the COMPLETE
-    marker, rename it into place (a re-saved step keeps the old one until the new
+    marker with every file's checksum, fsync, rename it into place (a re-saved step keeps the old one until the new
     one is in place), then prune complete checkpoints beyond the newest ``keep_last``. Main process only."""
     final = root / f"step-{step}"
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-    (tmp / COMPLETE).write_text("ok\n")
+    write_marker(tmp)
     if final.exists():
         old = root / f".step-{step}.old"
         os.replace(final, old)
@@ -217,6 +280,7 @@ def commit_checkpoint(root: Path, step: int, tmp: Path, state: dict, keep_last: 
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+    _fsync(root)
     complete = [p for _, p in list_checkpoints(root) if (p / COMPLETE).is_file()]
     for path in complete[:-keep_last]:
         shutil.rmtree(path)
@@ -224,10 +288,11 @@ def commit_checkpoint(root: Path, step: int, tmp: Path, state: dict, keep_last: 
 
 
 def load_checkpoint(accelerator, path: Path, module, optimizer, extras: list = ()) -> dict:
-    """Restore model/optimizer/scaler/extras and this process' RNG in place (the arguments of
+    """Verify ``path``, restore model/optimizer/scaler/extras and this process' RNG in place (the arguments of
     :func:`save_checkpoint`) and return the trainer state. Every file loads, or a CheckpointError names it."""
     from safetensors.torch import load_model
 
+    verify_checkpoint(path)
     state = read_state(path)
     with loading(path, path / MODEL_FILE):
         load_model(accelerator.unwrap_model(module), path / MODEL_FILE, device="cpu")

@@ -1,5 +1,7 @@
-"""Checkpoint files are never unpickled into objects: a planted pickle in any file read on resume is refused
-without running; checkpoints of the earlier format (accelerate's ``save_state``) still resume exactly."""
+"""Checkpoint files are never unpickled into objects, and a damaged file is reported with the way out, never
+skipped: a planted pickle in any file read on resume is refused without running; random bytes in the RNG file or a
+truncated model/optimizer file refuse the resume naming the file and the previous complete checkpoint; checkpoints
+of the earlier format (accelerate's ``save_state``, marker ``ok`` without checksums) still resume exactly."""
 
 import json
 import shutil
@@ -102,6 +104,54 @@ def test_a_planted_pickle_is_refused_and_never_runs(runs, tmp_path, mode, file):
     assert not marker.exists(), "a checkpoint file ran code on resume"
 
 
+# ----------------------------------------------------------------------------------------------- damage
+
+
+def random_bytes(path: Path) -> None:
+    path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("earlier_format", [False, True], ids=["checksums", "no-checksums"])
+@pytest.mark.parametrize("file, damage", [("rng", random_bytes), ("model.safetensors", truncate),
+                                          ("optimizer.bin", truncate)], ids=["rng", "model", "optimizer"])
+def test_a_damaged_file_refuses_the_resume_naming_it_and_the_previous_checkpoint(runs, tmp_path, file, damage,
+                                                                                 earlier_format):
+    run = copy_run(runs("none"), tmp_path / "run")
+    step = run / "checkpoints" / "step-6"
+    if earlier_format:
+        to_earlier_format(step)
+    if file == "rng":
+        file = "random_states_0.pkl" if earlier_format else "rng_state_0.json"
+    damage(step / file)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    with pytest.raises(CheckpointError, match=f"step-6 is damaged: {file} .*; move it away to resume from step-4"):
+        resume(run, "none")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.parametrize("mode, file", [("none", "model.safetensors"), ("local", "chunk1/model.safetensors")])
+def test_weights_overwritten_in_place_are_caught_by_their_checksum(runs, tmp_path, mode, file):
+    """Same size, still a valid file: only the checksum written with it tells that the weights changed."""
+    run = copy_run(runs(mode), tmp_path / "run")
+    path = run / "checkpoints" / "step-6" / file
+    data = bytearray(path.read_bytes())
+    data[-64:] = bytes(64)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"step-6 is damaged: {file} does not match the checksum.*step-4"):
+        resume(run, mode)
+
+
+def test_a_damaged_chunk_file_names_it_and_the_previous_checkpoint(runs, tmp_path):
+    run = copy_run(runs("local"), tmp_path / "run")
+    truncate(run / "checkpoints" / "step-6" / "chunk1" / "state.pt")
+    with pytest.raises(CheckpointError, match="step-6 is damaged: chunk1/state.pt .*resume from step-4"):
+        resume(run, "local")
+
+
 # ----------------------------------------------------------------------------------------------- compatibility
 
 
@@ -123,3 +173,4 @@ def test_a_checkpoint_of_the_earlier_format_resumes_exactly(runs, tmp_path, mode
         b_file = run / a_file.relative_to(full)
         a, b = load_file(str(a_file)), load_file(str(b_file))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), a_file
+    assert json.loads((run / "checkpoints" / "step-6" / COMPLETE).read_text())["sha256"], "new checkpoints: checksums"
