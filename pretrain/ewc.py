@@ -19,8 +19,9 @@ cheaper per-micro-batch estimate squares the mean gradient of B blocks: E[ḡ²]
 batch size. The per-sample loop costs N single-block forward/backward passes, once per run (a few seconds for the
 tiny CPU models; negligible next to training on a GPU).
 
-F and θ* are saved to ``OUTPUT_DIR/ewc.safetensors`` (a restarted run reads them instead of re-estimating) and
-registered with accelerate, so every checkpoint carries them and a resume restores exactly what was trained with.
+F and θ* are saved to ``OUTPUT_DIR/ewc.safetensors`` (a restarted run reads them instead of re-estimating), and
+every checkpoint carries them (``custom_checkpoint_0.pkl``: tensors only, read back with ``weights_only=True`` by
+:mod:`pretrain.checkpoint`), so a resume restores exactly what was trained with.
 """
 
 from __future__ import annotations
@@ -161,8 +162,8 @@ def estimate_fisher(module: nn.Module, collate, examples: Iterable[dict], counts
 
 class EWCPenalty:
     """(λ/2) · Σ_i F_i (θ_i − θ*_i)² over named parameters. ``fisher`` and ``theta_star`` map parameter names (as in
-    ``trainable(module)``) to tensors of the parameters' shapes. ``state_dict``/``load_state_dict`` let accelerate
-    store it in checkpoints (``register_for_checkpointing``)."""
+    ``trainable(module)``) to tensors of the parameters' shapes. ``state_dict``/``load_state_dict`` (tensors only)
+    let every checkpoint carry it (``pretrain.checkpoint.save_checkpoint``'s extras)."""
 
     def __init__(self, lam: float, fisher: dict[str, torch.Tensor], theta_star: dict[str, torch.Tensor]):
         if fisher.keys() != theta_star.keys():

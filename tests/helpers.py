@@ -107,3 +107,15 @@ def train_records(run) -> dict[int, dict]:
         if rec["split"] == "train":
             records[rec["step"]] = rec
     return records
+
+
+class Planted:
+    """A malicious checkpoint payload: unpickling it runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from helpers import make_tokenizer, packed_examples, tiny_model_config, toy_corpus
+from helpers import Planted, make_tokenizer, packed_examples, tiny_model_config, toy_corpus
 from objectives import get_objective
 from pretrain.config import ConfigError, config_from_dict, config_to_dict, load_config
 from pretrain.ewc import EWC_FILE, EWCPenalty, SourceError, estimate_fisher, trainable
@@ -236,6 +236,23 @@ def test_continued_run_with_ewc_trains_logs_penalty_and_resumes_exactly(source, 
     a = load_file(str(run / "checkpoints" / "step-6" / "model.safetensors"))
     b = load_file(str(resumed / "checkpoints" / "step-6" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_planted_pickle_in_a_checkpoints_ewc_state_is_refused_and_never_runs(source, tmp_path, monkeypatch):
+    import pretrain.export
+    from pretrain.checkpoint import COMPLETE, CheckpointError
+
+    monkeypatch.setattr(pretrain.export, "roundtrip_check", lambda *a, **k: {"class": "-", "max_abs_err": 0.0})
+    cfg = continued(source, "planted", lam=50.0, max_steps=3)
+    fit(cfg)
+    step = Path(cfg.output_dir) / "checkpoints" / "step-3"
+    assert (step / "custom_checkpoint_0.pkl").is_file(), "the checkpoint carries F and θ*"
+    marker = tmp_path / "pwned"
+    torch.save({"fisher/x": Planted(marker)}, step / "custom_checkpoint_0.pkl")
+    (step / COMPLETE).write_text("ok\n")  # no checksums: the loader alone must refuse the object
+    with pytest.raises(CheckpointError, match="step-3 is damaged: custom_checkpoint_0.pkl does not load as tensors"):
+        fit(continued(source, "planted", lam=50.0))
+    assert not marker.exists(), "a checkpoint file ran code on resume"
 
 
 def assert_same_four_steps(one: Path, two: Path) -> None:

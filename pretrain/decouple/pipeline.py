@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, commit_checkpoint, read_state
+from ..checkpoint import STATE_FILE, CheckpointError, commit_checkpoint, read_state, verify_checkpoint
 from ..config import Config
 from ..data.stream import to_device, validation_loader
 from ..metrics import MetricTracker
@@ -214,6 +214,9 @@ class Pipeline:
         return commit_checkpoint(root, step, tmp, state, keep_last)
 
     def load(self, path: Path) -> dict:
+        """Verify this process' files of checkpoint ``path`` (its chunks and the trainer state) against the marker's
+        checksums, then restore its chunks and return the trainer state."""
+        verify_checkpoint(path, [STATE_FILE] + [f"chunk{stage.k}" for stage in self.stages])
         state = read_state(path)
         if state.get("decouple") != self.cfg.decouple.chunks:
             raise CheckpointError(f"{path} was not written by a {self.cfg.decouple.chunks}-chunk decoupled run")

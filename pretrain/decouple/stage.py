@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import load_tensors, loading
 from ..config import Config
 from ..metrics import MetricTracker
 from ..optim import build_optimizer, step_if_finite
@@ -183,16 +183,18 @@ class Stage:
                     "rng": self.rng.state_dict(), "skipped": self.skipped}, directory / "state.pt")
 
     def load(self, directory: Path) -> None:
+        """Restore this chunk from ``directory`` (``checkpoints/step-N/chunk{k}``, verified by the pipeline);
+        ``state.pt`` is read with ``weights_only=True``. Any failure is a CheckpointError naming the file."""
         from safetensors.torch import load_file
 
-        try:
-            self.model.load_chunk_state_dict(self.k, load_file(str(directory / "model.safetensors")))
-            state = torch.load(directory / "state.pt", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any failure means the files are unusable; name them
-            raise CheckpointError(f"cannot load chunk {self.k} from {directory}: {type(e).__name__}: {e}") from e
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        self.rng.load_state_dict(state["rng"])
-        self.skipped = state["skipped"]
+        path, weights = directory.parent, directory / "model.safetensors"
+        with loading(path, weights):
+            self.model.load_chunk_state_dict(self.k, load_file(str(weights)))
+        state = load_tensors(path, directory / "state.pt")
+        with loading(path, directory / "state.pt"):
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and state["scaler"] is not None:
+                self.scaler.load_state_dict(state["scaler"])
+            self.rng.load_state_dict(state["rng"])
+            self.skipped = state["skipped"]

@@ -30,7 +30,7 @@ from torch import nn
 
 from objectives.base import IGNORE_INDEX, bert_init_
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import load_tensors, loading
 from .stage import Stage
 
 
@@ -344,15 +344,13 @@ class SyntheticStage(Stage):
             return
         from safetensors.torch import load_file
 
-        try:
+        path = directory.parent
+        with loading(path, directory / SYNTHETIC_FILE):
             self.module.load_state_dict(load_file(str(directory / SYNTHETIC_FILE)))
-            state = torch.load(directory / "synthetic_state.pt", weights_only=False)
+        state = load_tensors(path, directory / "synthetic_state.pt")  # weights_only: tensors and plain types
+        with loading(path, directory / "synthetic_state.pt"):
             self.sg_optimizer.load_state_dict(state["optimizer"])
             self.target_rms = state["target_rms"]
-        except Exception as e:  # noqa: BLE001 - name the unusable files
-            raise CheckpointError(f"cannot load chunk {self.k}'s synthetic-gradient module from {directory}: "
-                                  f"{type(e).__name__}: {e}") from e
-
 
 __all__ = ["SyntheticGradient", "token_cosine", "center_on_targets", "SyntheticStage", "SYNTHETIC_FILE",
            "SYNTHETIC_EXPORT_FILE"]

@@ -1,7 +1,7 @@
 """End-to-end backpropagation (``decouple.mode: none``) under accelerate: DDP over processes, mixed precision,
 token-exact gradient accumulation, clipping, a finite check before every update, continued pretraining with EWC,
-and the fast path's compiled step. Checkpoints are accelerate's state (model, optimizer, scaler, RNG of every
-process) plus the loop's state, committed by :mod:`pretrain.checkpoint`.
+and the fast path's compiled step. Checkpoints (model, optimizer, scaler, EWC's F and θ*, RNG of every process,
+the loop's state) are written, verified and read by :mod:`pretrain.checkpoint`, without pickle.
 """
 
 from __future__ import annotations
@@ -108,8 +108,6 @@ class BackpropStep(StepStrategy):
         self.module, self.optimizer = a.prepare(module, optimizer)
         if compile:
             compile_step(self.module)
-        if self.ewc is not None:
-            a.register_for_checkpointing(self.ewc)  # every checkpoint carries F and θ*
         self.tracker = MetricTracker({**objective.metric_counts, "ewc_penalty": "n_steps"})
         self.skipped = torch.zeros((), device=a.device)  # updates skipped on a non-finite norm (on the device)
         self.grad_norm = torch.zeros((), device=a.device)
@@ -162,10 +160,15 @@ class BackpropStep(StepStrategy):
         return tracker.compute(reduce=lambda x: a.reduce(x, "sum"))  # the same on every process
 
     def save(self, root: Path, step: int, state: dict, keep_last: int) -> Path:
-        return save_checkpoint(self.accelerator, root, step, state, keep_last)
+        return save_checkpoint(self.accelerator, root, step, state, keep_last, self.module, self.optimizer,
+                               self._extras())
 
     def load(self, path: Path) -> dict:
-        return load_checkpoint(self.accelerator, path)
+        return load_checkpoint(self.accelerator, path, self.module, self.optimizer, self._extras())
+
+    def _extras(self) -> list:
+        """What every checkpoint carries beside model and optimizer: EWC's F and θ*."""
+        return [self.ewc] if self.ewc is not None else []
 
     def export_model(self, checkpoint: Path) -> tuple[nn.Module, dict] | None:
         return (unwrap(self.module).model, {}) if self.is_logger else None
