@@ -32,7 +32,7 @@ def resolve(ref: type | str) -> type:
 def register_objective(name: str, objective_cls: type[Objective] | str, options_cls: type | str) -> None:
     """Make ``objective.name: <name>`` train ``objective_cls`` with the options dataclass ``options_cls`` (the config
     section ``objective.<name>``; its fields are the keyword arguments of ``objective_cls(tokenizer, seed, ...)``).
-    ``objective_cls.decouple_modes`` lists the decoupling modes its split protocol supports (``Objective``: none)."""
+    The decoupling modes it supports follow from the split protocol members it implements (``objectives.base``)."""
     if not name.isidentifier():
         raise ValueError(f"objective name {name!r} must be an identifier (it is a config key: objective.{name})")
     if name in OBJECTIVES:

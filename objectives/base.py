@@ -26,9 +26,9 @@ The split protocol (``pretrain.fast`` and ``pretrain.decouple`` call it and know
   objective; a chunk combines their sums with ``reduce(..., parts=...)``.
 * ``prepare_split(model, chunks)``: adapt the model before it is cut (e.g. untie what two chunks would share);
   ``export_copy(model)``: a copy of the stitched model ready for ``export``.
-* ``decouple_modes``: the ``decouple.mode`` values the objective supports. Mode synthetic also needs
-  ``input_embeddings(model)`` ([V, H], its label-conditioning table starts as a copy) and ``synthetic_count_key``
-  (the count whose window total scales the predicted gradients).
+* Mode synthetic also needs ``input_embeddings(model)`` ([V, H], its label-conditioning table starts as a copy) and
+  ``synthetic_count_key`` (the count whose window total scales the predicted gradients). A decoupling mode names the
+  members it needs (its stage's ``requires``); an objective supports the modes whose members it provides.
 """
 
 from __future__ import annotations
@@ -247,8 +247,6 @@ class Objective(nn.Module):
         return [(out_dir, "AutoModelForMaskedLM", model)]
 
     # ---------------------------------------------------------------- split protocol (see the module docstring)
-    #: ``decouple.mode`` values this objective can be cut for (none by default)
-    decouple_modes: tuple[str, ...] = ()
     #: tensors besides ``hidden`` that cross a chunk boundary: name -> dtype (each [B, L])
     carry: dict[str, torch.dtype] = {}
     #: count key whose window total scales synthetic-gradient targets (mode synthetic only)

@@ -461,7 +461,6 @@ class ElectraObjective(Objective):
         ]
 
     # ---------------------------------------------------------------- split protocol (``objectives.base``)
-    decouple_modes = ("local",)
     carry = {"replaced": torch.uint8}
 
     def encoders(self, model: ElectraPretrainingModel) -> list[nn.Module]:

@@ -255,7 +255,6 @@ class MLMObjective(Objective):
         save_hf(model, out_dir, tokenizer)
 
     # ---------------------------------------------------------------- split protocol (``objectives.base``)
-    decouple_modes = ("local", "synthetic")
     synthetic_count_key = "n_masked"
 
     def encoders(self, model: nn.Module) -> list[nn.Module]:

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from helpers import make_tokenizer, packed_examples, tiny_model_config
-from objectives import OBJECTIVES, get_objective
+from objectives import OBJECTIVES, Objective, get_objective, objective_class
+from pretrain.decouple import modes
 
 ROOT = Path(__file__).parent.parent
 AGNOSTIC = [*sorted((ROOT / "pretrain" / "decouple").glob("*.py")), ROOT / "pretrain" / "fast.py"]
@@ -65,7 +66,7 @@ def test_the_protocol_is_complete_and_recomposes_the_objective_loss(tokenizer, n
     assert encoders and all(owned(e, model) and isinstance(e.encoder.layer, nn.ModuleList) for e in encoders)
     layers, config = objective.layers(model), objective.split_config(model)
     assert len(layers) == config.num_hidden_layers and all(owned(layer, model) for layer in layers)
-    assert set(objective.decouple_modes) <= {"local", "synthetic"} and "local" in objective.decouple_modes
+    assert modes.unsupported(type(objective), "local") is None
     assert all(isinstance(k, str) and isinstance(v, torch.dtype) for k, v in objective.carry.items())
 
     with torch.no_grad():
@@ -91,7 +92,7 @@ def test_the_protocol_is_complete_and_recomposes_the_objective_loss(tokenizer, n
             aux_sums, _, aux_metrics = aux(hidden, None, batch, carry)
             assert aux_sums.keys() == aux.loss_parts.keys() and set(aux_metrics) <= set(aux.metric_counts)
 
-    if "synthetic" in objective.decouple_modes:
+    if modes.unsupported(type(objective), "synthetic") is None:
         words = objective.input_embeddings(model)
         assert words.shape == (config.vocab_size, config.hidden_size)
         assert any(words is p for p in model.parameters())
@@ -100,3 +101,12 @@ def test_the_protocol_is_complete_and_recomposes_the_objective_loss(tokenizer, n
     copied = objective.export_copy(model)
     assert copied is not model and copied.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(copied.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_mode_names_the_protocol_members_it_needs():
+    """ELECTRA has no masked-label table or target count for synthetic gradients; MLM and SpanBERT provide both."""
+    assert modes.missing(objective_class("electra"), "synthetic") == ["input_embeddings", "synthetic_count_key"]
+    assert modes.missing(objective_class("electra"), "local") == []
+    assert all(modes.missing(objective_class(n), m) == [] for n in ("mlm", "span") for m in ("local", "synthetic"))
+    assert modes.missing(Objective, "local") == list(
+        modes.stage_class("local").requires)

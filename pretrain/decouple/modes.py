@@ -60,13 +60,23 @@ def stage_class(name: str) -> type:
     return _load(_mode(name).stage)
 
 
+def missing(objective_cls: type, mode: str) -> list[str]:
+    """The split-protocol members that decoupling mode ``mode`` needs (its stage's ``requires``) and
+    ``objective_cls`` does not provide: a method the class leaves as the base ``Objective``'s, or an attribute
+    that is None."""
+    from objectives.base import Objective
+
+    return [m for m in stage_class(mode).requires
+            if getattr(objective_cls, m, None) is None or getattr(objective_cls, m) is getattr(Objective, m, None)]
+
+
 def unsupported(objective_cls: type, mode: str) -> str | None:
-    """Why ``objective_cls`` cannot be cut for decoupling mode ``mode`` (it is not in its ``decouple_modes``: the
-    message names what the mode needs and the modes that work), or None when it can."""
-    supported = getattr(objective_cls, "decouple_modes", ())
-    if mode in supported:
+    """Why ``objective_cls`` cannot be cut for decoupling mode ``mode`` (the message names what the mode needs and
+    the modes that work), or None when it can."""
+    if not missing(objective_cls, mode):
         return None
     name = getattr(objective_cls, "name", objective_cls.__name__)
-    alternatives = " or ".join(f"decouple.mode={m}" for m in supported) or "no decoupling"
+    working = [m for m in DECOUPLING if not missing(objective_cls, m)]
+    alternatives = " or ".join(f"decouple.mode={m}" for m in working) or "no decoupling"
     return (f"decouple.mode={mode} is not implemented for objective '{name}'{stage_class(mode).needs}; use "
             f"{alternatives} for {name}")

@@ -81,7 +81,9 @@ class Stage:
         self.outbox: collections.deque[torch.Tensor] = collections.deque()
         self.pending: collections.deque = collections.deque()
 
-    #: what the mode needs from an objective, named when the objective does not list the mode in ``decouple_modes``
+    #: the split-protocol members of ``objectives.base.Objective`` this mode needs the objective to provide
+    requires = ("split_config", "layers", "stem", "final_head", "aux_head")
+    #: why, in words, named when an objective does not provide them
     needs = ""
 
     @staticmethod

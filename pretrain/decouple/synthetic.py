@@ -198,6 +198,7 @@ class SyntheticStage(Stage):
         #: running RMS of δ·c (``target_scale: rms``): M_k's targets are δ·c / target_rms, O(1) per element
         self.target_rms: torch.Tensor | None = None
 
+    requires = ("split_config", "layers", "stem", "final_head", "input_embeddings", "synthetic_count_key")
     needs = " (its modules condition on masked-token labels)"
 
     @staticmethod
