@@ -189,6 +189,16 @@ def encode_labels(train: list, evaluation: list, names: list[str] | None = None)
                         "(regression is not supported)")
 
 
+def check_eval_labels_are_trained(train_ids: list[int], eval_ids: list[int], classes: list[str], where: str) -> None:
+    """Refuse eval labels that no training example has: the classifier could never predict them (their rows of the
+    new head stay untrained), so they would silently count as errors."""
+    unseen = sorted(set(eval_ids) - set(train_ids))
+    if unseen:
+        counts = ", ".join(f"{classes[i]!r} ({eval_ids.count(i)})" for i in unseen[:10])
+        raise FinetuneError(f"{where}: label(s) {counts} never occur in the training data, so the model cannot learn "
+                            "them; add training examples of them or drop them from the eval data")
+
+
 def _examples(ds, text_column: str, label_column: str, where: str) -> tuple[list[str], list]:
     missing = [c for c in (text_column, label_column) if c not in ds.column_names]
     if missing:
@@ -237,6 +247,7 @@ def load_labelled(*, train_file: str | None = None, eval_file: str | None = None
     feature = parts[0].features.get(label_column)
     names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
     train_ids, eval_ids, classes = encode_labels(train_labels, eval_labels, names)
+    check_eval_labels_are_trained(train_ids, eval_ids, classes, wheres[1])
     return LabelledData(
         name,
         subsample([{"text": t, "label": y} for t, y in zip(train_texts, train_ids)], max_train, SPLIT_SEED),

@@ -132,6 +132,17 @@ def test_label_encoding():
     assert encode_labels([1, 0], [0], names=["neg", "pos"])[2] == ["neg", "pos"], "ClassLabel names are kept"
 
 
+def test_an_eval_only_label_is_refused_naming_it(tmp_path):
+    """A label only the eval file has would become an untrained class, silently scored as errors (issue 17)."""
+    (tmp_path / "train.csv").write_text("text,label\nred apple,fruit\ngreen pear,fruit\nblue car,vehicle\n")
+    (tmp_path / "eval.csv").write_text("text,label\nyellow banana,fruit\nbig dog,animal\nsmall cat,animal\n")
+    with pytest.raises(FinetuneError, match=r"label\(s\) 'animal' \(2\) never occur in the training data"):
+        load_labelled(train_file=str(tmp_path / "train.csv"), eval_file=str(tmp_path / "eval.csv"))
+    (tmp_path / "eval.csv").write_text("text,label\nyellow banana,fruit\nred bus,vehicle\n")
+    data = load_labelled(train_file=str(tmp_path / "train.csv"), eval_file=str(tmp_path / "eval.csv"))
+    assert data.labels == ["fruit", "vehicle"]
+
+
 def test_dedupe_split_and_metrics():
     examples = [{"text": "a  b", "label": 0}, {"text": "a b", "label": 0}, {"text": "c", "label": 1},
                 {"text": "c", "label": 2}, {"text": "d", "label": 1}]
