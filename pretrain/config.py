@@ -129,6 +129,14 @@ class ObjectiveConfig(HasSections):
         """The chosen objective's options as keyword arguments for ``get_objective``."""
         return dataclasses.asdict(getattr(self, self.name))
 
+    def build(self, tokenizer, seed: int, unigram_counts=None):
+        """The chosen objective for ``tokenizer`` (masking seeded by ``seed``), given the corpus' unigram counts
+        when known (SpanBERT's random replacements draw from them)."""
+        objective = objectives.get_objective(self.name, tokenizer, seed=seed, **self.options())
+        if unigram_counts is not None:
+            objective.set_unigram_counts(unigram_counts)
+        return objective
+
 
 @dataclass
 class EWCConfig:

@@ -248,8 +248,6 @@ def prepare_continued(cfg, module: nn.Module, tokenizer, out: Path, accelerator)
     """Initialise ``module.model`` from the (resolved) source; for λ > 0 return the penalty. F and θ* come from
     ``OUTPUT_DIR/ewc.safetensors`` when an earlier start of this run wrote it, else they are estimated (the main
     process first, which saves them; the others then read the file)."""
-    from objectives import get_objective
-
     e = cfg.train.ewc
     if not e.source:
         return None
@@ -263,7 +261,7 @@ def prepare_continued(cfg, module: nn.Module, tokenizer, out: Path, accelerator)
             return EWCPenalty.load(path, e.lam)
         start = time.perf_counter()
         examples = fisher_examples(cfg, e.fisher_batches * cfg.train.micro_batch_size)
-        collator = get_objective(cfg.objective.name, tokenizer, seed=e.fisher_seed, **cfg.objective.options())
+        collator = cfg.objective.build(tokenizer, e.fisher_seed)
         module.to(accelerator.device)
         fisher, used = estimate_fisher(module, collator.collate, examples, collator.counts, accelerator.device)
         theta_star = {n: p.detach().float().clone() for n, p in trainable(module).items()}

@@ -38,9 +38,7 @@ def _load_backprop_checkpoint(cfg, path: Path, tokenizer):
     """The objective and its model with the weights of a backprop run's checkpoint ``path``."""
     from safetensors.torch import load_file
 
-    from objectives import get_objective
-
-    objective = get_objective(cfg.objective.name, tokenizer, seed=cfg.train.seed, **cfg.objective.options())
+    objective = cfg.objective.build(tokenizer, cfg.train.seed)
     model = objective.build_model(cfg.model)
     holder = nn.ModuleDict({"model": model, "objective": objective})
     weights = load_file(str(path / "model.safetensors"))

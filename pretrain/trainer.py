@@ -18,8 +18,6 @@ from pathlib import Path
 
 import torch
 
-from objectives import get_objective
-
 from .checkpoint import latest_checkpoint
 from .config import Config, config_to_dict
 from .data.stream import StreamDataset, make_loader
@@ -41,9 +39,7 @@ def setup(cfg: Config, step_runner, out_dir: Path, data=None):
 
         data = step_runner.main_first(lambda: prepare_blocks(cfg))
     tokenizer = check_tokenizer(cfg, data.tokenizer)
-    objective = get_objective(cfg.objective.name, tokenizer, seed=cfg.train.seed, **cfg.objective.options())
-    if getattr(data, "unigram_counts", None) is not None:
-        objective.set_unigram_counts(data.unigram_counts)
+    objective = cfg.objective.build(tokenizer, cfg.train.seed, getattr(data, "unigram_counts", None))
     collator = copy.deepcopy(objective)  # a CPU copy for DataLoader workers; the trained one moves to the device
     model = step_runner.build(objective, collator, out_dir, tokenizer)
     return data, tokenizer, objective, collator, model

@@ -10,8 +10,6 @@ from typing import Iterable
 
 import torch
 
-from objectives import get_objective
-
 from ..checkpoint import COMPLETE, latest_checkpoint
 from ..config import Config, load_config
 from .chunks import ChunkedModel
@@ -25,9 +23,7 @@ def build_chunked_model(cfg: Config, tokenizer, unigram_counts=None) -> tuple[Ch
     """The objective, its model and the auxiliary heads, cut into ``decouple.chunks`` chunks. Call after seeding:
     every process builds the whole model the same way, so a chunk's initial weights do not depend on the runtime.
     Returns ``(chunked_model, collator)`` where the collator is a CPU copy of the objective for the data loaders."""
-    objective = get_objective(cfg.objective.name, tokenizer, seed=cfg.train.seed, **cfg.objective.options())
-    if unigram_counts is not None:
-        objective.set_unigram_counts(unigram_counts)
+    objective = cfg.objective.build(tokenizer, cfg.train.seed, unigram_counts)
     model = objective.build_model(cfg.model)
     collator = copy.deepcopy(objective)
     return ChunkedModel(model, objective, cfg.decouple), collator

@@ -156,12 +156,10 @@ def step_flops(cfg) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from objectives import get_objective
     from pretrain.data import prepare_blocks
 
     data = prepare_blocks(cfg)
-    objective = get_objective(cfg.objective.name, data.tokenizer, seed=cfg.train.seed, **cfg.objective.options())
-    objective.set_unigram_counts(data.unigram_counts)
+    objective = cfg.objective.build(data.tokenizer, cfg.train.seed, data.unigram_counts)
     torch.manual_seed(cfg.train.seed)
     model = objective.build_model(cfg.model)
     collator = copy.deepcopy(objective)
