@@ -214,7 +214,8 @@ class TrainConfig:
     eval_every: int = 200
     """Evaluate on the validation split every N steps (0 = only at the end)."""
     eval_batches: int = 20
-    """Validation micro-batches per evaluation (fixed masks, token-exact means)."""
+    """Validation set size in micro-batches: the first eval_batches × micro_batch_size validation blocks (fixed
+    masks, token-exact means), shared among the processes, so the metrics do not depend on their number."""
     save_every: int = 500
     """Checkpoint every N steps (and at the end)."""
     keep_last: int = 2

@@ -36,23 +36,41 @@ def run_cli(cfg, *args):
     return proc
 
 
+def without_dropout(cfg: Path) -> Path:
+    import yaml
+
+    tree = yaml.safe_load(cfg.read_text())
+    tree["model"].update(hidden_dropout=0.0, attention_dropout=0.0)
+    cfg.write_text(yaml.safe_dump(tree))
+    return cfg
+
+
 def test_torchrun_on_cpu_trains_one_data_parallel_run(corpus, tmp_path):
+    """2 processes x 1 micro-batch and 1 process x 2 accumulated see the same blocks and masks: without dropout they
+    take the same steps, and evaluate the same fixed validation set (one block here: the second process holds no
+    share of it and still takes part in the reduction)."""
     (tmp_path / "one").mkdir()
-    cfg2 = write_tiny_config(tmp_path / "two.yaml", corpus, tmp_path / "cache", device="auto", max_steps=3)
-    cfg1 = write_tiny_config(tmp_path / "one" / "one.yaml", corpus, tmp_path / "cache", device="auto", max_steps=3)
+    common = dict(device="auto", max_steps=3, micro_batch_size=1, eval_batches=1)
+    cfg2 = without_dropout(write_tiny_config(tmp_path / "two.yaml", corpus, tmp_path / "cache", **common))
+    cfg1 = without_dropout(write_tiny_config(tmp_path / "one" / "one.yaml", corpus, tmp_path / "cache",
+                                             grad_accum=2, **common))
     two = torchrun(2, SCRIPT, str(cfg2), env={"CUDA_VISIBLE_DEVICES": ""})
     one = run_cli(cfg1)
     run2, run1 = records(tmp_path / "run"), records(tmp_path / "one" / "run")
     train2 = [r for r in run2 if r["split"] == "train"]
+    train1 = [r for r in run1 if r["split"] == "train"]
     assert [r["step"] for r in train2] == [1, 2, 3], "one record per step, not one per process"
     start = [r for r in run2 if r["split"] == "run"]
     assert len(start) == 1 and start[0]["world_size"] == 2
-    tokens1 = {r["step"]: r["tokens"] for r in run1 if r["split"] == "train"}
-    assert {r["step"]: r["tokens"] for r in train2} == {s: 2 * n for s, n in tokens1.items()}
+    assert [r["tokens"] for r in train2] == [r["tokens"] for r in train1]
+    assert [r["loss"] for r in train2] == pytest.approx([r["loss"] for r in train1], rel=1e-5)
+    (eval2,), (eval1,) = [r for r in run2 if r["split"] == "eval"], [r for r in run1 if r["split"] == "eval"]
+    assert eval2["n_masked"] == eval1["n_masked"] > 0
+    assert eval2["mlm_loss"] == pytest.approx(eval1["mlm_loss"], rel=1e-5)
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
     banners = [line for line in two.stdout.splitlines() if line.startswith("training: ")]
-    assert banners == ["training: 2 process(es) (2 data-parallel), device cpu, precision fp32, global batch 8 "
-                       "blocks = 256 tokens per step (2 x 1 accumulated x 4), 3 steps"]
+    assert banners == ["training: 2 process(es) (2 data-parallel), device cpu, precision fp32, global batch 2 "
+                       "blocks = 64 tokens per step (2 x 1 accumulated x 1), 3 steps"]
     assert one.stdout.count("training: 1 process(es) (1 data-parallel), device cpu") == 1
 
 

@@ -5,9 +5,8 @@ import torch
 
 from helpers import make_tokenizer, packed_examples
 from objectives import get_objective
-from pretrain.data.stream import StreamBatchSampler, StreamDataset
+from pretrain.data.stream import StreamBatchSampler, StreamDataset, make_loader, validation_share
 from pretrain.schedules import lr_at
-from pretrain.data.stream import make_loader
 
 
 def take(sampler, n):
@@ -24,6 +23,14 @@ def test_rank_shares_are_disjoint_and_complete(world):
         assert union == list(range(t * world * b, (t + 1) * world * b)), "micro-batch t covers its slice exactly"
     flat = [p for share in shares for batch in share for p in batch]
     assert len(flat) == len(set(flat))
+
+
+@pytest.mark.parametrize("n_blocks", [1, 7, 40, 1000])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_validation_set_does_not_depend_on_the_number_of_processes(world, n_blocks):
+    shares = [validation_share(n_blocks, 4, 5, world, r) for r in range(world)]
+    assert [p for share in shares for p in share] == list(range(min(20, n_blocks)))  # disjoint, in order, complete
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
 def test_resume_starts_where_the_uninterrupted_stream_is():

@@ -87,11 +87,21 @@ def make_loader(dataset, collate, micro_batch_size, world, rank, start, stop, nu
     )
 
 
+def validation_share(n_blocks: int, micro_batch_size: int, eval_batches: int, world_size: int, rank: int) -> range:
+    """Rank ``rank``'s stream positions of the fixed validation set: the first ``eval_batches × micro_batch_size``
+    blocks (all of them if the split is smaller), cut into ``world_size`` contiguous shares whose sizes differ by at
+    most one. The set, and so every evaluation metric, does not depend on the number of processes."""
+    n = min(eval_batches * micro_batch_size, n_blocks)
+    return range(rank * n // world_size, (rank + 1) * n // world_size)
+
+
 def validation_loader(val_blocks, collate, train_cfg, world_size: int, rank: int) -> DataLoader:
-    """This rank's share of the fixed validation set: ``train.eval_batches`` global micro-batches (fewer if the
-    split is smaller; at least one) of blocks in order, masked with seeds of their own stream positions (fixed masks
-    from evaluation to evaluation, and never a training sample's)."""
+    """This rank's share (``validation_share``) of the fixed validation set in micro-batches of at most
+    ``train.micro_batch_size`` blocks, in order, masked with seeds of their own stream positions (fixed masks from
+    evaluation to evaluation, and never a training sample's). A rank whose share is empty (fewer blocks than
+    processes) gets no batches."""
     b = train_cfg.micro_batch_size
-    n_batches = max(1, min(train_cfg.eval_batches, len(val_blocks) // (b * world_size)))
+    share = validation_share(len(val_blocks), b, train_cfg.eval_batches, world_size, rank)
+    batches = [list(share[i:i + b]) for i in range(0, len(share), b)]
     dataset = StreamDataset(val_blocks, train_cfg.seed, shuffle=False, index_offset=VALIDATION_INDEX_OFFSET)
-    return make_loader(dataset, collate, b, world_size, rank, 0, n_batches, 0)
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=0)

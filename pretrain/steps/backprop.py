@@ -156,6 +156,11 @@ class BackpropStep(StepStrategy):
         for batch in loader:
             with a.autocast():
                 tracker.add(self.module(to_device(batch, a.device)))
+        if len(loader) == 0:  # fewer validation blocks than processes: this one adds zeros under the metrics' names,
+            # so that every process takes part in the same reduction
+            batch = next(iter(validation_loader(val_blocks, self.collator.collate, self.cfg.train, 1, 0)))
+            with a.autocast():
+                tracker.add({k: torch.zeros_like(v) for k, v in self.module(to_device(batch, a.device)).items()})
         self.module.train()
         return tracker.compute(reduce=lambda x: a.reduce(x, "sum"))  # the same on every process
 
