@@ -1,5 +1,5 @@
-"""Plots of one or more runs' ``metrics.jsonl``: loss parts (train solid, eval dashed with markers), LR, tok/s and
-the other eval metrics against the step or the number of training tokens, runs overlaid (legend = run name), one
+"""Plots of one or more runs' ``metrics.jsonl``: loss parts (train solid, eval dashed with markers), each
+objective's weighted total loss on its own panel, LR, tok/s and the other eval metrics against the step or the number of training tokens, runs overlaid (legend = run name), one
 subplot per quantity. matplotlib with the Agg backend: works headless.
 
 A resumed run re-logs the steps it redoes after its last checkpoint: the last record per (split, step) wins, which
@@ -74,24 +74,46 @@ def _x_values(records: list[dict], x: str, train: list[dict]) -> np.ndarray:
     return np.interp(steps, xs, ys)
 
 
-def panels(runs: list[dict[str, list[dict]]]) -> list[tuple[str, list[tuple[str, str]]]]:
-    """The subplots: (title, [(split, key), ...]) over the keys that any run logged."""
-    train_keys: set[str] = set()
-    eval_keys: set[str] = set()
-    for run in runs:
-        for r in run.get("train", []):
-            train_keys.update(k for k, v in r.items() if isinstance(v, (int, float)) or v is None)
-        for r in run.get("eval", []):
-            eval_keys.update(k for k, v in r.items() if isinstance(v, (int, float)) or v is None)
+def objective_name(run: dict[str, list[dict]]) -> str | None:
+    """The objective a run trained, from the config in its start record (None if it has none)."""
+    for record in run.get("run", []):
+        objective = (record.get("config") or {}).get("objective")
+        if isinstance(objective, dict) and objective.get("name"):
+            return str(objective["name"])
+    return None
+
+
+def _numeric_keys(records: list[dict]) -> set[str]:
+    return {k for r in records for k, v in r.items() if isinstance(v, (int, float)) or v is None}
+
+
+def panels(runs: list[dict[str, list[dict]]]) -> list[tuple[str, list[tuple[str, str]], list[int]]]:
+    """The subplots: (title, [(split, key), ...], indices of the runs drawn in it) over the keys any run logged.
+
+    Loss parts (``*_loss``) are comparable across runs; an objective's weighted total (``loss``) is not (MLM's is
+    its one part, SpanBERT's adds the SBO, ELECTRA's weighs the discriminator ×50), so each objective whose total is
+    more than one part gets its own total panel, "loss (<objective>)", with only its runs."""
+    train_keys = set().union(*(_numeric_keys(run.get("train", [])) for run in runs))
+    eval_keys = set().union(*(_numeric_keys(run.get("eval", [])) for run in runs))
+    everyone = list(range(len(runs)))
+    result = []
+    totals: dict[str, list[int]] = {}
+    for i, run in enumerate(runs):
+        keys = _numeric_keys(run.get("train", []) + run.get("eval", []))
+        parts = sorted(k for k in keys if k.endswith("_loss"))
+        if "loss" in keys and len(parts) > 1:  # the weighted total, when it is not the one part
+            totals.setdefault(objective_name(run) or "+".join(parts), []).append(i)
+    for objective, members in totals.items():
+        result.append((f"loss ({objective})", [(s, "loss") for s, keys in (("train", train_keys), ("eval", eval_keys))
+                                               if "loss" in keys], members))
     losses = sorted(k for k in train_keys | eval_keys if k.endswith("_loss"))
-    if "loss" in train_keys | eval_keys and len(losses) > 1:  # the weighted total, when it is not the one part
-        losses = ["loss"] + losses
-    result = [(k, [(s, k) for s, keys in (("train", train_keys), ("eval", eval_keys)) if k in keys]) for k in losses]
+    result += [(k, [(s, k) for s, keys in (("train", train_keys), ("eval", eval_keys)) if k in keys], everyone)
+               for k in losses]
     for key, title in (("lr", "learning rate"), ("tok_per_s", "tokens / s")):
         if key in train_keys:
-            result.append((title, [("train", key)]))
-    others = sorted(k for k in eval_keys - set(losses) - NOT_METRICS if not k.startswith("n_"))
-    result += [(f"eval {k}", [("eval", k)]) for k in others]
+            result.append((title, [("train", key)], everyone))
+    others = sorted(k for k in eval_keys - set(losses) - {"loss"} - NOT_METRICS if not k.startswith("n_"))
+    result += [(f"eval {k}", [("eval", k)], everyone) for k in others]
     return result
 
 
@@ -116,9 +138,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "step", name
     cols = min(columns, len(grid))
     rows = math.ceil(len(grid) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
-    for ax, (title, series) in zip(axes.flat, grid):
-        for i, (run, name) in enumerate(zip(runs, names)):
-            color = f"C{i % 10}"
+    for ax, (title, series, members) in zip(axes.flat, grid):
+        for i in members:
+            run, name, color = runs[i], names[i], f"C{i % 10}"
             train = run.get("train", [])
             for split, key in series:
                 records = [r for r in run.get(split, []) if key in r]

@@ -12,11 +12,12 @@ from pretrain.plots import main, panels, plot_runs, read_metrics, run_names
 ROOT = Path(__file__).parent.parent
 
 
-def write_run(run: Path, steps: int, resume_at: int | None = None, scale: float = 1.0, sbo: bool = False) -> Path:
+def write_run(run: Path, steps: int, resume_at: int | None = None, scale: float = 1.0, sbo: bool = False,
+              objective: str = "mlm") -> Path:
     """A metrics.jsonl like the trainer's: a run record, eval at 0 and every 10 steps, train every 2; a resumed run
     logs a second start and re-logs the steps after ``resume_at`` with other values; a half-written last line."""
     run.mkdir(parents=True)
-    lines = [{"split": "run", "event": "start", "step": 0, "world_size": 1, "config": {"x": 1}}]
+    lines = [{"split": "run", "event": "start", "step": 0, "world_size": 1, "config": {"objective": {"name": objective}}}]
 
     def train(step, bump=0.0):
         rec = {"split": "train", "step": step, "lr": 1e-3 * min(1, step / 10), "tokens": 4096 * step,
@@ -43,7 +44,7 @@ def write_run(run: Path, steps: int, resume_at: int | None = None, scale: float 
 @pytest.fixture
 def runs(tmp_path):
     return [write_run(tmp_path / "a" / "mlm", 30, resume_at=20),
-            write_run(tmp_path / "b" / "span", 24, scale=1.1, sbo=True)]
+            write_run(tmp_path / "b" / "span", 24, scale=1.1, sbo=True, objective="span")]
 
 
 def test_read_metrics_keeps_the_last_record_per_step(runs):
@@ -61,12 +62,25 @@ def test_panels_and_names(runs):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        grid = dict(panels([read_metrics(r) for r in runs]))
-    assert list(grid) == ["loss", "mlm_loss", "sbo_loss", "learning rate", "tokens / s", "eval mlm_acc"]
-    assert grid["mlm_loss"] == [("train", "mlm_loss"), ("eval", "mlm_loss")]
+        grid = {title: (series, members) for title, series, members in panels([read_metrics(r) for r in runs])}
+    assert list(grid) == ["loss (span)", "mlm_loss", "sbo_loss", "learning rate", "tokens / s", "eval mlm_acc"]
+    assert grid["mlm_loss"] == ([("train", "mlm_loss"), ("eval", "mlm_loss")], [0, 1])
+    assert grid["loss (span)"] == ([("train", "loss")], [1]), "MLM's total is its one part: no panel of its own"
     assert not any(k.startswith("n_") or "time" in k for k in grid)
     assert run_names(runs) == ["mlm", "span"]
     assert run_names([runs[0].parent.parent / "x" / "run", runs[0].parent.parent / "y" / "run"]) == ["x/run", "y/run"]
+
+
+def test_totals_of_different_objectives_never_share_an_axis(runs, tmp_path):
+    """SpanBERT's total (MLM + SBO) and ELECTRA's (generator + 50 x discriminator) are on scales of their own."""
+    import warnings
+
+    electra = write_run(tmp_path / "c" / "electra", 10, sbo=True, objective="electra")
+    span2 = write_run(tmp_path / "d" / "span-seed1", 10, sbo=True, objective="span")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grid = {title: members for title, _, members in panels([read_metrics(r) for r in [*runs, electra, span2]])}
+    assert grid["loss (span)"] == [1, 3] and grid["loss (electra)"] == [2] and "loss" not in grid
 
 
 @pytest.mark.parametrize("x", ["step", "tokens"])
