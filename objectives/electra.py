@@ -43,17 +43,21 @@ from torch import nn
 import torch.nn.functional as F
 
 from pretrain.fast import run_layer
+from pretrain.metrics import ROC_PREFIX, roc_histogram
 
 from .base import IGNORE_INDEX, Objective, bert_init_, build_options, encoder_attention_mask
 from .mlm import MLMConfig, select_tokens
 
 
-def replaced_token_sums(logits: torch.Tensor, replaced: torch.Tensor, attention_mask: torch.Tensor):
+def replaced_token_sums(logits: torch.Tensor, replaced: torch.Tensor, attention_mask: torch.Tensor,
+                        with_auc: bool = False):
     """The discriminator's loss: binary cross-entropy (fp32) summed over the non-pad positions, as masked sums (no
     data-dependent shapes). logits [B, L], replaced [B, L] bool/uint8 (never set on padding), attention_mask [B, L].
 
     Returns ``(disc_sum, counts, metrics)``: counts {n_tokens, n_replaced, n_original}; metrics {disc_acc,
-    disc_acc_replaced, disc_acc_original}."""
+    disc_acc_replaced, disc_acc_original} and, ``with_auc`` (evaluation), the logits' histogram that the metric
+    tracker reports as ``disc_auc``: replaced-vs-original ROC AUC, which unlike accuracy at the 0.5 threshold
+    shows a discriminator that ranks replaced tokens higher before it ever predicts "replaced"."""
     non_pad, replaced = attention_mask.bool(), replaced.bool()
     bce = F.binary_cross_entropy_with_logits(logits.float(), replaced.float(), reduction="none")
     disc_sum = torch.where(non_pad, bce, 0.0).sum()
@@ -67,14 +71,16 @@ def replaced_token_sums(logits: torch.Tensor, replaced: torch.Tensor, attention_
     metrics = {"disc_acc": correct.sum() / n_tokens.clamp(min=1),
                "disc_acc_replaced": (correct & replaced).sum() / n_replaced.clamp(min=1),
                "disc_acc_original": (correct & ~replaced).sum() / n_original.clamp(min=1)}
+    if with_auc:
+        metrics[ROC_PREFIX + "disc_auc"] = roc_histogram(detached, replaced, non_pad)
     return disc_sum, counts, metrics
 
 
 def _replaced_token_parts(logits: torch.Tensor, replaced: torch.Tensor, attention_mask: torch.Tensor,
-                          all_metrics: bool):
+                          all_metrics: bool, with_auc: bool = False):
     """:func:`replaced_token_sums` as a head's (sums, counts, metrics); ``all_metrics`` False keeps only n_tokens
     and disc_acc (the auxiliary heads)."""
-    total, counts, metrics = replaced_token_sums(logits, replaced, attention_mask)
+    total, counts, metrics = replaced_token_sums(logits, replaced, attention_mask, with_auc and all_metrics)
     if not all_metrics:
         counts, metrics = {"n_tokens": counts["n_tokens"]}, {"disc_acc": metrics["disc_acc"]}
     return {"disc_loss": total}, counts, metrics
@@ -295,7 +301,8 @@ class FinalRTDHead(nn.Module):
         self.loss_parts = {"disc_loss": ("n_tokens", disc_weight)}
 
     def forward(self, hidden, mask, batch, carry):
-        return _replaced_token_parts(self.predictions(hidden), carry["replaced"], batch["attention_mask"], True)
+        return _replaced_token_parts(self.predictions(hidden), carry["replaced"], batch["attention_mask"], True,
+                                     with_auc=not self.training)
 
 
 # --------------------------------------------------------------------------- objective
@@ -413,7 +420,8 @@ class ElectraObjective(Objective):
 
         disc_logits = model.discriminator(input_ids=disc_ids,
                                           attention_mask=encoder_attention_mask(batch)).logits  # [B, L]
-        disc_sum, disc_counts, disc_metrics = replaced_token_sums(disc_logits, replaced, attention_mask)
+        disc_sum, disc_counts, disc_metrics = replaced_token_sums(disc_logits, replaced, attention_mask,
+                                                                  with_auc=not self.training)
         n_masked = selected.sum()
         counts = {"n_masked": n_masked, **disc_counts}
         metrics = {"gen_acc": gen_correct / n_masked.clamp(min=1), **disc_metrics,

@@ -24,11 +24,39 @@ def train_flops_per_token(n_params: int, num_layers: int, hidden: int, seq_len: 
     return 6 * n_params + 12 * num_layers * hidden * seq_len
 
 
+#: an objective's output ``ROC_PREFIX + name`` is a score histogram [2, ROC_BINS] (row 0: negatives, row 1:
+#: positives, counts per bin of the score clamped to ±ROC_RANGE): summed over batches and processes, it is reported
+#: as the ROC AUC ``name``
+ROC_PREFIX, ROC_BINS, ROC_RANGE = "roc:", 4096, 16.0
+
+
+def roc_histogram(scores: torch.Tensor, positive: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[2, ROC_BINS] float counts of ``scores`` (any shape, e.g. logits) at ``valid`` positions, split by
+    ``positive`` (same shape, bool). Static shapes, no host sync."""
+    width = 2 * ROC_RANGE / ROC_BINS
+    bins = ((scores.detach().float().clamp(-ROC_RANGE, ROC_RANGE) + ROC_RANGE) / width).long().clamp(max=ROC_BINS - 1)
+    flat = positive.bool().long() * ROC_BINS + bins
+    hist = torch.zeros(2 * ROC_BINS, device=scores.device)
+    return hist.index_add_(0, flat.reshape(-1), valid.reshape(-1).float()).view(2, ROC_BINS)
+
+
+def auc_from_histogram(hist: torch.Tensor) -> float:
+    """P(score of a positive > score of a negative) + ½ P(same bin): the ROC AUC up to pairs that share a bin (at
+    most ½ of ``Σ_b pos_b·neg_b / (n_pos·n_neg)`` off). NaN without positives or negatives."""
+    neg, pos = hist.double()
+    n_neg, n_pos = neg.sum(), pos.sum()
+    if n_neg == 0 or n_pos == 0:
+        return math.nan
+    below = torch.cumsum(neg, 0) - neg  # negatives in strictly lower bins
+    return float((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg))
+
+
 class MetricTracker:
     """Accumulates an objective's outputs over micro-batches without host syncs.
 
     Each logged metric m is averaged over its count key c (``objective.metric_counts``): sum(m·c) / sum(c), which is
-    the token-exact mean over the window, never a mean of micro-batch means."""
+    the token-exact mean over the window, never a mean of micro-batch means. Counts (``n_*``) and score histograms
+    (``ROC_PREFIX`` keys, reported as ROC AUCs) are summed."""
 
     def __init__(self, metric_counts: dict[str, str]):
         self.metric_counts = metric_counts
@@ -37,6 +65,7 @@ class MetricTracker:
     def reset(self):
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, torch.Tensor] = {}
+        self.histograms: dict[str, torch.Tensor] = {}
 
     def add(self, out: dict[str, torch.Tensor]):
         for metric, count_key in self.metric_counts.items():
@@ -49,25 +78,32 @@ class MetricTracker:
         for key, value in out.items():
             if key.startswith("n_"):
                 self.counts[key] = self.counts.get(key, 0) + value.detach().float()
+            elif key.startswith(ROC_PREFIX):
+                self.histograms[key] = self.histograms.get(key, 0) + value.detach().float()
 
     def compute(self, reduce=None) -> dict[str, float]:
-        """Means (and raw counts) as Python floats; ``reduce`` sums a tensor across processes (one host sync)."""
+        """Means (and raw counts, and AUCs) as Python floats; ``reduce`` sums a tensor across processes (one host
+        sync)."""
         names = sorted(self.sums)
         counts = sorted(k for k in self.counts if k.startswith("n_"))
+        rocs = sorted(self.histograms)
         if not names and not counts:
             return {}
         device = next(iter(self.counts.values())).device
-        flat = torch.stack(
+        flat = torch.cat([torch.stack(
             [torch.as_tensor(self.sums[m], device=device) for m in names]
             + [torch.as_tensor(self.counts[m], device=device) for m in names]
             + [torch.as_tensor(self.counts[k], device=device) for k in counts]
-        )
+        )] + [self.histograms[r].reshape(-1) for r in rocs])
         if reduce is not None:
             flat = reduce(flat)
-        values = flat.tolist()
-        k = len(names)
+        k, n = len(names), 2 * len(names) + len(counts)
+        values = flat[:n].tolist()
         result = {m: values[i] / max(values[k + i], 1.0) for i, m in enumerate(names)}
         result.update({c: values[2 * k + i] for i, c in enumerate(counts)})
+        for i, r in enumerate(rocs):
+            result[r.removeprefix(ROC_PREFIX)] = auc_from_histogram(flat[n + i * 2 * ROC_BINS:
+                                                                         n + (i + 1) * 2 * ROC_BINS].view(2, -1))
         return result
 
 

@@ -120,6 +120,33 @@ def test_scaling_one_chunks_loss_leaves_every_other_chunks_gradients_bit_identic
         assert abs(ratio / 1000 - 1) < 1e-3
 
 
+def test_eval_mode_reaches_every_chunk_and_the_final_head_reports_the_auc():
+    """model.eval() switches the chunks' own wrappers too (they sit in a plain list), so ELECTRA's final chunk adds
+    its discriminator's AUC histogram at evaluation and not during training."""
+    from pretrain.decouple.run import build_chunked_model
+    from pretrain.metrics import ROC_PREFIX
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    model, collator = build_chunked_model(make_cfg(objective="electra", chunks=2), tok)
+    batch = micro_batches(collator, tok, n_micro=1)[0]
+
+    def keys():
+        inputs, found = None, set()
+        for chunk in model.chunks:
+            inputs, out = chunk(batch, inputs)
+            found |= {k for k in out if k.startswith(ROC_PREFIX)}
+        return found
+
+    assert keys() == set()
+    model.eval()
+    assert not any(m.training for chunk in model.chunks for m in chunk.modules())
+    with torch.no_grad():
+        assert keys() == {ROC_PREFIX + "disc_auc"}
+    model.train()
+    assert all(m.training for chunk in model.chunks for m in chunk.modules())
+
+
 def test_chunks_own_disjoint_parameters_covering_the_model_and_decoders_are_untied():
     from pretrain.decouple.run import build_chunked_model
 

@@ -365,6 +365,29 @@ def test_reduction_is_token_exact(tokenizer):
     torch.testing.assert_close(windowed["loss"].detach(), expected)
 
 
+def test_evaluation_reports_the_discriminator_auc(tokenizer):
+    """In eval mode the loss dict carries the logits' histogram; the tracker turns it into the replaced-vs-original
+    ROC AUC of the discriminator's logits (within the shared-bin bound). Training steps carry none."""
+    from pretrain.metrics import ROC_PREFIX, MetricTracker
+
+    obj, model = build(tokenizer)
+    batch = obj.collate(random_examples(6, length=32))
+    assert not any(k.startswith(ROC_PREFIX) for k in obj(model, batch))
+    obj.eval()
+    with torch.no_grad():
+        out = obj(model, batch)
+        logits, replaced = (obj.loss_sums(model, batch)[3][k] for k in ("disc_logits", "replaced"))
+    tracker = MetricTracker(obj.metric_counts)
+    tracker.add(out)
+    auc = tracker.compute()["disc_auc"]
+    valid = batch["attention_mask"].bool()
+    pos, neg = logits[replaced & valid], logits[~replaced & valid]
+    exact = float((pos[:, None] > neg[None, :]).double().mean())
+    hist = out[ROC_PREFIX + "disc_auc"].double()
+    bound = 0.5 * float((hist[0] * hist[1]).sum() / (hist[0].sum() * hist[1].sum()))
+    assert abs(auc - exact) <= bound + 1e-12 and 0 < len(pos) < len(neg)
+
+
 def test_a_few_steps_reduce_both_losses(tokenizer):
     obj, model = build(tokenizer)
     batch = obj.collate(random_examples(8, length=32))

@@ -26,7 +26,7 @@ LEAVES = ("pretrain.hf_io", "pretrain.optim", "pretrain.checkpoint", "pretrain.s
 #: ``a.b.*``; a pattern ending in ``.*`` matches only strictly below it
 RULES = [
     ("1 objectives -> pretrain (except its leaves)", ["objectives"], ["pretrain"],
-     ["pretrain.hf_io", "pretrain.model", "pretrain.fast"]),
+     ["pretrain.hf_io", "pretrain.model", "pretrain.fast", "pretrain.metrics"]),
     ("2 decouple -> trainer/steps/export/config_io", ["pretrain.decouple"],
      ["pretrain.trainer", "pretrain.steps", "pretrain.export", "pretrain.config_io"], []),
     ("3 steps -> trainer", ["pretrain.steps"], ["pretrain.trainer"], []),

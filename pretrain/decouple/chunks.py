@@ -164,6 +164,14 @@ class ChunkedModel(nn.Module):
         # a plain list: the chunks are views of the modules above, not separately registered parameters
         self.chunks: list[Chunk] = chunks
 
+    def train(self, mode: bool = True) -> "ChunkedModel":
+        """Also the chunks' own modules (e.g. head wrappers such as ELECTRA's final head), which the plain list
+        hides from ``nn.Module.train``."""
+        super().train(mode)
+        for chunk in self.chunks:
+            chunk.train(mode)
+        return self
+
     @property
     def num_chunks(self) -> int:
         return len(self.chunks)
