@@ -1,6 +1,7 @@
 """Every script in scripts/ runs by its path in a fresh process (nothing shadows the ``pretrain`` package, no
 ``sys.path`` edits), and ``scripts/export.py`` exports a tiny run that ``scripts/pretrain.py`` trained."""
 
+import json
 import os
 import subprocess
 import sys
@@ -48,3 +49,31 @@ def test_export_script_exports_a_tiny_run(tmp_path):
     proc = run_script(ROOT / "scripts" / "export.py", tmp_path / "run", "--out", tmp_path / "again")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "exported to" in proc.stdout and (tmp_path / "again" / "model.safetensors").is_file()
+    proc = run_script(ROOT / "scripts" / "demo_check.py", tmp_path / "run", "--blocks", 8)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.splitlines()[-1])
+    assert set(summary["probe_ranks"]) == {"israel", "lord", "moses", "list", "plants"}
+    assert summary["before"]["median_rank"] >= 1 and 0 <= summary["after"]["top10"] <= 1
+    assert "not one token of this vocabulary" in proc.stdout  # the toy vocabulary has none of the probe words
+
+
+def test_true_token_ranks_and_probes():
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from helpers import make_tokenizer
+    from pretrain.studies.demo_check import probe, true_token_ranks
+
+    logits = torch.tensor([[0.1, 3.0, -1.0, 3.0], [5.0, 0.0, 1.0, 2.0]])
+    assert true_token_ranks(logits, torch.tensor([1, 0])).tolist() == [1, 1]  # a tie with another token is rank 1
+    assert true_token_ranks(logits, torch.tensor([2, 1])).tolist() == [4, 4]
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=64)).eval()
+    result = probe({"m": model}, tok, "the quick brown [MASK] jumps", "fox")
+    fox = tok.convert_tokens_to_ids("fox")
+    enc = tok("the quick brown [MASK] jumps", return_tensors="pt")
+    with torch.no_grad():
+        row = model(**enc).logits[0, 4]
+    assert result["rank"]["m"] == int((row > row[fox]).sum()) + 1 and len(result["top"]) == 3
