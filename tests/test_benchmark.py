@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,3 +89,46 @@ def test_decouple_suite_runs_the_baselines_and_two_process_pipelines(benchmark, 
         assert math.isclose(row["tok_per_s"], 3 * 4 * 16 / (row["step_ms"] * 3 / 1000), rel_tol=1e-9)
         assert math.isclose(row["ratio"], row["tok_per_s"] / base), name
     assert summary["local-K2-2proc-1thread"]["processes"] == 2
+
+
+def test_quality_suite_trains_every_arm_and_reports_curves(benchmark, tmp_path):
+    """Real runs (2-process arms by torchrun) of a 2 x 32 model: curves, G at equal tokens and wall time, PNG."""
+    from helpers import toy_corpus, write_tiny_config
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("\n".join(toy_corpus(n_docs=150, seed=4)) + "\n")
+    cfg = write_tiny_config(tmp_path / "base.yaml", tmp_path / "corpus", tmp_path / "cache")
+    out = tmp_path / "quality.json"
+    argv = ["quality", "--config", str(cfg), "--shapes", "h128-L4", "--seeds", "0", "--steps", "4",
+            "--eval-every", "2", "--eval-batches", "1", "--batch", "4", "--out-runs", str(tmp_path / "runs"),
+            "--out", str(out), "--override", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+            "model.intermediate_size=64", "train.device=cpu"]
+    assert benchmark.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    curves, summary = result["shapes"]["h128-L4"]["curves"], result["shapes"]["h128-L4"]["summary"]
+    assert set(curves) == {"backprop-2threads", "backprop-1thread", "local-K2", "frozen-lower-K2"}
+    for arm, c in curves.items():
+        assert c["step"] == [2, 4], (arm, c["step"])
+        assert c["tokens"] == [s * 4 * 32 for s in c["step"]] and all(np.diff(c["wall_s"]) > 0)
+    assert set(curves["local-K2"]["chunks"][-1]) == {"chunk0_mlm_loss", "chunk1_mlm_loss"}
+    assert all(g == 1.0 for g in summary["backprop-2threads"]["G_tokens"].values())
+    assert all(g == 0.0 for g in summary["frozen-lower-K2"]["G_tokens"].values())
+    assert summary["backprop-2threads"]["time_to_backprop_final_s"] == pytest.approx(curves["backprop-2threads"]
+                                                                                     ["wall_s"][-1])
+    assert benchmark.main(argv) == 0, "a second call reads the finished runs"
+
+
+def test_quality_curves_charge_no_evaluation_time_to_training(tmp_path):
+    from pretrain.bench.quality import curve, gap_closed, time_to_reach
+
+    lines = [{"split": "run", "event": "start", "step": 0, "time": 100.0},
+             {"split": "train", "step": 2, "tokens": 8, "time": 110.0},
+             {"split": "eval", "step": 2, "mlm_loss": 6.0, "mlm_acc": 0.1, "time": 115.0},
+             {"split": "train", "step": 4, "tokens": 16, "time": 125.0},
+             {"split": "eval", "step": 4, "mlm_loss": 5.0, "mlm_acc": 0.2, "chunk0_mlm_loss": 6.5, "time": 126.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    c = curve(tmp_path)
+    assert c["wall_s"] == [10.0, 20.0] and c["chunks"] == [{}, {"chunk0_mlm_loss": 6.5}]
+    assert time_to_reach(c, 5.5) == pytest.approx(15.0) and time_to_reach(c, 4.0) is None
+    assert gap_closed([5.0, 6.0], [6.0, 6.0], [4.0, 6.0]) == [0.5, None]

@@ -41,6 +41,12 @@ Suites (subcommands):
   (``"summary": true``, printed last) take each configuration's best run, the least disturbed by other processes
   (each run records the load average at its start).
 
+* ``quality``: issue 18's time to quality. Real training runs (``scripts/pretrain.py``, ``torchrun`` for the
+  2-process arms) of backprop (1 process × 2 threads, × 1 thread), local updates K = 2 (2 processes × 1 thread)
+  and the frozen-lower-chunk control at two shapes and several seeds: held-out loss against tokens and wall clock,
+  G at equal tokens and at equal wall time, time to backprop's final loss; JSON + PNG (see
+  ``pretrain/bench/quality.py``).
+
 Other suites are added as further subcommands; ``_worker`` is internal (one measured configuration).
 """
 
@@ -55,6 +61,8 @@ from pathlib import Path
 from .common import PRESETS, default_out
 from .decouple import run_worker, suite_decouple
 from .e2e import suite_e2e
+from .quality import ARMS as QUALITY_ARMS
+from .quality import SHAPES, suite_quality
 from .step import OUR_VARIANTS, suite_step
 
 
@@ -111,6 +119,19 @@ def main(argv=None) -> int:
     e.add_argument("--workers", type=int, default=1, help="DataLoader workers of fit")
     e.add_argument("--documents", type=int, default=2000, help="documents in the synthetic corpus")
 
+    q = sub.add_parser("quality", help="held-out loss vs tokens and wall clock: backprop vs decoupled arms (real runs)")
+    q.add_argument("--config", type=Path, default=Path("configs") / "tiny.yaml", help="base config (data, vocab)")
+    q.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    q.add_argument("--arms", nargs="+", choices=list(QUALITY_ARMS), default=list(QUALITY_ARMS))
+    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    q.add_argument("--steps", type=int, default=2000)
+    q.add_argument("--eval-every", type=int, default=100)
+    q.add_argument("--eval-batches", type=int, default=16)
+    q.add_argument("--batch", type=int, default=32, help="blocks per step")
+    q.add_argument("--override", nargs="*", default=[], help="extra key.sub=value overrides for every arm")
+    q.add_argument("--out-runs", type=Path, default=Path("runs") / "quality", help="the arms' run directories")
+    q.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/quality-<date>.json)")
+
     w = sub.add_parser("_worker", help=argparse.SUPPRESS)
     shape_args(w)
     w.add_argument("--kind", choices=["backprop", "local", "synthetic"], required=True)
@@ -121,7 +142,8 @@ def main(argv=None) -> int:
     if args.suite == "_worker":
         run_worker(args)
         return 0
-    results = {"decouple": suite_decouple, "step": suite_step, "e2e": suite_e2e}[args.suite](args)
+    suites = {"decouple": suite_decouple, "step": suite_step, "e2e": suite_e2e, "quality": suite_quality}
+    results = suites[args.suite](args)
     out = args.out or default_out(args.suite)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")

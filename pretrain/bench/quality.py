@@ -1,0 +1,202 @@
+"""Time to quality (issue 18): held-out MLM loss against training tokens and against wall clock for backprop and
+the decoupled arms, on the same data, seed and global batch, each arm a real run of ``scripts/pretrain.py``.
+
+Arms (``ARMS``: processes × threads each, overrides): backprop on 1 process with 2 threads and with 1 thread; local
+updates K = 2 on 2 processes × 1 thread (``torchrun``, gloo); the frozen-random lower chunk (the control) the same
+way; and, where the runtime offers them, overlapping local updates and local-then-backprop. Every arm evaluates
+the same fixed validation blocks every ``--eval-every`` steps.
+
+Wall clock of an evaluation at step s = time of step s's train record − the run's start record − the time spent in
+the evaluations before s (so evaluation cost is not charged to training; data preparation happens before the start
+record). Reported per shape, averaged over seeds:
+
+* G at equal tokens: G(s) = (L_frozen(s) − L(s)) / (L_frozen(s) − L_backprop(s)) at every evaluation step (the
+  fraction of the frozen→backprop gap an arm closes; backprop = the 2-thread arm);
+* G at equal wall time: the same with every curve interpolated at the wall times of the 2-thread backprop arm's
+  evaluations (an arm not yet started at t has no value);
+* the wall time at which an arm first reaches backprop's final held-out loss (linear interpolation between
+  evaluations; null if it never does), and the per-chunk auxiliary-head losses of the decoupled arms.
+
+Writes ``benchmarks/quality-<date>.json`` and a PNG beside it (loss vs tokens and vs wall clock, one row per shape).
+Runs are resumable: an arm whose output directory already holds its final evaluation is read, not re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .common import default_out, environment
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: arm -> (processes, threads per process, overrides)
+ARMS = {
+    "backprop-2threads": (1, 2, ["decouple.mode=none", "decouple.chunks=1"]),
+    "backprop-1thread": (1, 1, ["decouple.mode=none", "decouple.chunks=1"]),
+    "local-K2": (2, 1, ["decouple.mode=local", "decouple.chunks=2"]),
+    "frozen-lower-K2": (2, 1, ["decouple.mode=local", "decouple.chunks=2", "decouple.freeze_lower=true"]),
+}
+#: shape name -> model overrides (the two shapes of benchmarks/RESULTS.md)
+SHAPES = {
+    "h128-L4": ["model.hidden_size=128", "model.num_layers=4", "model.num_heads=2", "model.intermediate_size=512"],
+    "h256-L8": ["model.hidden_size=256", "model.num_layers=8", "model.num_heads=4", "model.intermediate_size=1024"],
+}
+BASELINE, CONTROL = "backprop-2threads", "frozen-lower-K2"
+
+
+def run_arm(args, shape: str, arm: str, seed: int) -> Path:
+    """Train one arm (unless its final evaluation is already there); returns its output directory."""
+    out = args.out_runs / shape / f"{arm}-seed{seed}"
+    if final_eval(out, args.steps) is not None:
+        return out
+    processes, threads, overrides = ARMS[arm]
+    overrides = [f"output_dir={out}", f"train.seed={seed}", f"train.max_steps={args.steps}",
+                 f"train.eval_every={args.eval_every}", f"train.log_every={args.eval_every}",
+                 f"train.eval_batches={args.eval_batches}", f"train.micro_batch_size={args.batch}",
+                 "train.grad_accum=1", f"train.save_every={args.steps}", "log.tensorboard=false",
+                 *SHAPES[shape], *overrides, *args.override]
+    script = [str(ROOT / "scripts" / "pretrain.py"), str(args.config), *overrides]
+    if processes > 1:  # --standalone: a local rendezvous on a free port
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               *script]
+    else:
+        cmd = [sys.executable, *script]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shape} {arm} seed {seed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return out
+
+
+def records(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def final_eval(run: Path, steps: int) -> dict | None:
+    return next((r for r in reversed(records(run)) if r["split"] == "eval" and r["step"] == steps), None)
+
+
+def curve(run: Path) -> dict[str, list]:
+    """The run's evaluations: step, tokens, training wall seconds, held-out loss/accuracy and per-chunk losses."""
+    recs = records(run)
+    start = next(r["time"] for r in recs if r["split"] == "run" and r.get("event") == "start")
+    train = {r["step"]: r for r in recs if r["split"] == "train"}
+    evals = [r for r in recs if r["split"] == "eval" and r["step"] in train]
+    out = {"step": [], "tokens": [], "wall_s": [], "loss": [], "acc": [], "chunks": []}
+    spent_evaluating = 0.0
+    for r in evals:
+        t = train[r["step"]]
+        out["step"].append(r["step"])
+        out["tokens"].append(t["tokens"])
+        out["wall_s"].append(t["time"] - start - spent_evaluating)
+        out["loss"].append(r["mlm_loss"])
+        out["acc"].append(r["mlm_acc"])
+        out["chunks"].append({k: v for k, v in r.items() if k.startswith("chunk") and k.endswith("_mlm_loss")})
+        spent_evaluating += r["time"] - t["time"]
+    return out
+
+
+def mean_curve(curves: list[dict]) -> dict[str, list]:
+    """Seeds averaged at each evaluation step they share."""
+    steps = sorted(set.intersection(*(set(c["step"]) for c in curves)))
+    result = {"step": steps}
+    for key in ("tokens", "wall_s", "loss", "acc"):
+        result[key] = [float(np.mean([c[key][c["step"].index(s)] for c in curves])) for s in steps]
+    result["chunks"] = [{k: float(np.mean([c["chunks"][c["step"].index(s)][k] for c in curves]))
+                         for k in curves[0]["chunks"][curves[0]["step"].index(s)]} for s in steps]
+    return result
+
+
+def gap_closed(loss, frozen, backprop):
+    """G = (L_frozen − L) / (L_frozen − L_backprop), elementwise (None where the gap is 0 or a value is missing)."""
+    return [None if None in (a, f, b) or f == b else (f - a) / (f - b) for a, f, b in zip(loss, frozen, backprop)]
+
+
+def at_times(c: dict, times: list[float]) -> list[float | None]:
+    """Loss interpolated at wall ``times`` (None before the first evaluation or after the last)."""
+    w, loss = np.array(c["wall_s"]), np.array(c["loss"])
+    return [float(np.interp(t, w, loss)) if w[0] <= t <= w[-1] else None for t in times]
+
+
+def time_to_reach(c: dict, target: float) -> float | None:
+    """First wall time at which the loss curve reaches ``target`` (linear between evaluations)."""
+    for i, (w, loss) in enumerate(zip(c["wall_s"], c["loss"])):
+        if loss <= target:
+            if i == 0:
+                return w
+            w0, l0 = c["wall_s"][i - 1], c["loss"][i - 1]
+            return w0 + (w - w0) * (l0 - target) / (l0 - loss)
+    return None
+
+
+def summarise(curves: dict[str, dict]) -> dict[str, dict]:
+    """Per arm (seed-averaged curves): G at equal tokens and wall time, time to backprop's final loss."""
+    bp, frozen = curves.get(BASELINE), curves.get(CONTROL)
+    result = {}
+    for arm, c in curves.items():
+        row = {"final_loss": c["loss"][-1], "final_acc": c["acc"][-1], "wall_s": c["wall_s"][-1],
+               "final_chunk_losses": c["chunks"][-1]}
+        if bp and frozen:
+            shared = [s for s in c["step"] if s in bp["step"] and s in frozen["step"]]
+
+            def at(x, s):
+                return x["loss"][x["step"].index(s)]
+
+            row["G_tokens"] = dict(zip(shared, gap_closed([at(c, s) for s in shared], [at(frozen, s) for s in shared],
+                                                          [at(bp, s) for s in shared])))
+            times = bp["wall_s"]
+            row["G_wall"] = dict(zip([round(t, 1) for t in times], gap_closed(
+                at_times(c, times), at_times(frozen, times), bp["loss"])))
+            row["time_to_backprop_final_s"] = time_to_reach(c, bp["loss"][-1])
+        result[arm] = row
+    return result
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(results["shapes"])
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(11, 3.8 * len(shapes)), squeeze=False)
+    for row, shape in zip(axes, shapes):
+        for i, (arm, c) in enumerate(results["shapes"][shape]["curves"].items()):
+            for ax, x in zip(row, ("tokens", "wall_s")):
+                ax.plot(c[x], c["loss"], color=f"C{i}", marker="o", ms=2, lw=1.2, label=arm)
+        for ax, label in zip(row, ("training tokens", "training wall clock (s)")):
+            ax.set_title(f"{shape}: held-out MLM loss")
+            ax.set_xlabel(label)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def suite_quality(args) -> dict:
+    args.out_runs.mkdir(parents=True, exist_ok=True)
+    results = {"environment": environment("cpu"), "protocol": {
+        "config": str(args.config), "steps": args.steps, "eval_every": args.eval_every, "batch": args.batch,
+        "eval_batches": args.eval_batches, "seeds": args.seeds, "overrides": args.override,
+        "arms": {a: {"processes": ARMS[a][0], "threads": ARMS[a][1], "overrides": ARMS[a][2]} for a in args.arms}},
+        "shapes": {}}
+    for shape in args.shapes:
+        per_arm = {}
+        for arm in args.arms:
+            runs = [run_arm(args, shape, arm, seed) for seed in args.seeds]
+            per_arm[arm] = mean_curve([curve(r) for r in runs])
+            print(json.dumps({"shape": shape, "arm": arm, "final_loss": per_arm[arm]["loss"][-1],
+                              "wall_s": round(per_arm[arm]["wall_s"][-1], 1)}), flush=True)
+        results["shapes"][shape] = {"curves": per_arm, "summary": summarise(per_arm)}
+    out = args.out or default_out("quality")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(results, out.with_suffix(".png"))
+    return results
