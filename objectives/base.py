@@ -85,6 +85,15 @@ def encoder_attention_mask(batch: Mapping[str, Any]) -> torch.Tensor | None:
     return None if batch.get("padded") is False else batch.get("attention_mask")
 
 
+def layer_attention_mask(config, hidden: torch.Tensor, batch: Mapping[str, Any]):
+    """The mask a transformer layer takes for ``batch``: none on unpadded blocks (``encoder_attention_mask``: no
+    host sync), else built from its [B, L] mask exactly as ``BertModel`` does. hidden: [B, L, H]."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    # positional: the embeddings argument was renamed (input_embeds -> inputs_embeds) within transformers 5
+    return create_bidirectional_mask(config, hidden, encoder_attention_mask(batch))
+
+
 class Objective(nn.Module):
     """Base class: tokenizer bookkeeping, padding/stacking and token-exact loss reduction."""
 
@@ -152,6 +161,13 @@ class Objective(nn.Module):
         batch["attention_mask"] = (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]).long()
         batch["padded"] = min(lengths) < length
         return batch
+
+    def clean_batch(self, rows: Sequence[torch.Tensor]) -> dict[str, Any]:
+        """Token ids [L_i] (with [CLS]/[SEP]) as a batch in this objective's layout that masks nothing: every token
+        is itself (``original_ids`` = ``input_ids``) and no label is set, so a stem embeds the text as it is (the
+        linear probes' features)."""
+        return self.pad_and_stack([{"input_ids": r, "original_ids": r, "labels": torch.full_like(r, IGNORE_INDEX)}
+                                   for r in rows])
 
     # ---------------------------------------------------------------- loss helpers
     #: fast path (``pretrain.fast``): gather predicted positions into a fixed number of rows, no host sync

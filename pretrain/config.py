@@ -172,6 +172,37 @@ class EWCConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Linear probes of intermediate representations at every evaluation (off unless ``data`` is set): does each
+    layer, or each decoupled chunk, learn the features the layers above need? Texts are encoded as they are (no
+    masking), mean-pooled over their tokens, and a logistic regression is fitted per probed layer (``pretrain/probe.py``)."""
+
+    data: str | None = None
+    """null (off), ``supersense`` (WordNet glosses -> 45 supersenses, fetched with the demo corpus: DESIGN.md §7) or
+    a JSONL file of ``{"text": ..., "label": ...}`` lines."""
+    n_train: int = 2000
+    """Probe training examples (a fixed seeded split; duplicate texts dropped first)."""
+    n_test: int = 1000
+    """Probe test examples (disjoint from the training ones)."""
+    layers: str | list[int] = "all"
+    """Backprop runs: the layer outputs to probe (1 = after the first transformer layer; ``all``). Decoupled runs
+    probe each chunk's output, logged under its layer number, so both compare by name (``probe_acc_layer{n}``)."""
+    max_iter: int = 300
+    """lbfgs iterations of each fit."""
+    max_length: int = 64
+    """Tokens per text (longer ones are truncated)."""
+
+    def __post_init__(self):
+        for name in ("n_train", "n_test", "max_iter", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.probe.{name} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.layers, str) and self.layers != "all":
+            raise ValueError(f"train.probe.layers must be 'all' or a list of layer numbers, got {self.layers!r}")
+        if isinstance(self.layers, list) and (not self.layers or min(self.layers) < 1):
+            raise ValueError(f"train.probe.layers must list layer numbers >= 1, got {self.layers}")
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     """Seeds model init, data order and masking."""
@@ -226,6 +257,8 @@ class TrainConfig:
     """auto = accelerate's choice (GPU when present); cpu forces the CPU."""
     ewc: EWCConfig = field(default_factory=EWCConfig)
     """Continued pretraining from an export, with or without EWC (off by default)."""
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    """Linear probes of every layer (backprop) or chunk output (decoupled) at each evaluation (off by default)."""
 
     def __post_init__(self):
         for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "keep_last", "eval_batches"):
@@ -358,7 +391,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 #: keys that may change between a run and its resumption (anything else must match the saved config); output_dir
 #: is where the run is, not what it is (a moved or copied run resumes)
 RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.eval_every", "train.save_every", "train.keep_last",
-                     "train.log_every", "train.eval_batches", "data.num_workers", "data.cache_dir", "log.",
+                     "train.log_every", "train.eval_batches", "train.probe", "data.num_workers", "data.cache_dir", "log.",
                      "decouple.runtime", "model.fast")
 
 
@@ -368,5 +401,5 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 
 __all__ = ["RESUMABLE_CHANGES", "Config", "ConfigError", "DataConfig", "DecoupleConfig", "EWCConfig", "LogConfig",
-           "ModelConfig", "ObjectiveConfig", "TokenizerConfig", "TrainConfig", "config_differences",
+           "ModelConfig", "ObjectiveConfig", "ProbeConfig", "TokenizerConfig", "TrainConfig", "config_differences",
            "config_from_dict", "config_to_dict", "load_config", "parse_overrides", "save_config"]

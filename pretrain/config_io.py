@@ -303,14 +303,14 @@ def write_yaml_atomic(data: dict, path: str | Path) -> None:
 
 
 def differences(old: dict, new: dict, ignore: tuple[str, ...] = (), prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two plain trees; a key in ``ignore`` (or under one ending in ``.``)
-    is skipped."""
+    """Dotted keys whose values differ between two plain trees; a key in ``ignore``, or under one (a trailing ``.``
+    is allowed), is skipped."""
     diffs = []
     for key in sorted(set(old) | set(new)):
         dotted = prefix + key
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += differences(a, b, ignore, dotted + ".")
-        elif a != b and not any(dotted == k or (k.endswith(".") and dotted.startswith(k)) for k in ignore):
+        elif a != b and not any(dotted == k.rstrip(".") or dotted.startswith(k.rstrip(".") + ".") for k in ignore):
             diffs.append(f"{dotted}: {a!r} -> {b!r}")
     return diffs

@@ -24,7 +24,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from objectives.base import Objective, encoder_attention_mask
+from objectives.base import Objective, layer_attention_mask
 
 from ..fast import run_layer
 from .modes import stage_class, unsupported
@@ -86,12 +86,8 @@ class Chunk(nn.Module):
         self.metric_counts = counts
 
     def attention_mask(self, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]):
-        """The layers' attention mask for ``batch``: none on unpadded blocks (``encoder_attention_mask``: no host
-        sync), else recomputed from its [B, L] mask exactly as ``BertModel`` does."""
-        from transformers.masking_utils import create_bidirectional_mask
-
-        # positional: the embeddings argument was renamed (input_embeds -> inputs_embeds) within transformers 5
-        return create_bidirectional_mask(self.config, hidden, encoder_attention_mask(batch))
+        """The layers' attention mask for ``batch`` (``objectives.base.layer_attention_mask``)."""
+        return layer_attention_mask(self.config, hidden, batch)
 
     def forward(self, batch: Mapping[str, torch.Tensor], inputs: dict[str, torch.Tensor] | None, normalizers=None,
                 with_head: bool = True, boundary_grads: bool = False):

@@ -39,6 +39,7 @@ from ..checkpoint import STATE_FILE, CheckpointError, commit_checkpoint, read_st
 from ..config import Config
 from ..data.stream import to_device, validation_loader
 from ..metrics import MetricTracker
+from ..probe import ProbeSet, mean_pool
 from ..schedules import momentum_for
 from .chunks import ChunkedModel
 from .layout import Layout
@@ -48,6 +49,8 @@ from .modes import stage_class
 
 class Pipeline:
     """The chunks this process holds, and how their inputs/outputs reach the other processes."""
+
+    probe: ProbeSet | None = None  #: linear probes of each chunk's output at evaluation (``train.probe``)
 
     def __init__(self, model: ChunkedModel, cfg: Config, layout: Layout, device: torch.device):
         self.model, self.cfg, self.layout, self.device = model, cfg, layout, device
@@ -183,11 +186,29 @@ class Pipeline:
         for batch in loader:
             batch = to_device(batch, self.device)
             self._run(batch, forward)
-        self.model.train()
         merged = {}
         for tracker in trackers.values():
             merged.update(tracker.compute())
+        if self.probe is not None:
+            merged.update(self._probe_chunk_outputs())
+        self.model.train()
         return self._to_last(merged)
+
+    def _probe_chunk_outputs(self) -> dict[str, float]:
+        """``probe_acc_layer{n}`` of each local chunk's output (n = the layers up to its end): the probe texts flow
+        through the pipeline like a validation batch, without the heads; each process fits its own chunks'."""
+        pooled = {stage.k: [] for stage in self.stages}
+
+        def forward(stage, inputs):
+            with self.autocast():
+                outputs, _ = stage.chunk(batch, inputs, None, with_head=False)
+            pooled[stage.k].append(mean_pool(outputs["hidden"], batch["attention_mask"]))
+            return outputs
+
+        for batch in self.probe.batches:
+            self._run(batch, forward)
+        return {f"probe_acc_layer{stage.chunk.layer_range[1]}": self.probe.score(pooled[stage.k])
+                for stage in self.stages}
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, root: Path, step: int, state: dict, keep_last: int) -> Path:

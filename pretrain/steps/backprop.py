@@ -19,6 +19,7 @@ from ..fast import apply_fast_path, compile_errors_explained, compile_step, fast
 from ..hf_io import unwrap
 from ..metrics import MetricTracker
 from ..optim import build_optimizer, step_if_finite
+from ..probe import build_probe, probe_layers
 from ..schedules import momentum_for, set_lr
 from .base import LaunchError, StepStrategy, launched_processes
 
@@ -66,6 +67,8 @@ def accumulate_gradients(module, collator, micro_batches: list[dict], accelerato
 class BackpropStep(StepStrategy):
     """One accelerate process per device; every process holds the whole model (DDP when there are several)."""
 
+    probe = None  #: the linear probes of each evaluation (``build``; ``train.probe``)
+
     def __init__(self, cfg):
         from accelerate import Accelerator
 
@@ -93,6 +96,7 @@ class BackpropStep(StepStrategy):
         if fast:  # static shapes, fused encoders (pretrain/fast.py); the step is compiled once wrapped
             apply_fast_path(model, objective, cfg.data.block_size)
         self.prepare(model, objective, collator, out_dir, tokenizer, compile=fast)
+        self.probe = self.main_first(lambda: build_probe(cfg, objective, tokenizer, self.device))
         return model
 
     def prepare(self, model: nn.Module, objective, collator, out_dir: Path | None = None, tokenizer=None,
@@ -161,8 +165,12 @@ class BackpropStep(StepStrategy):
             batch = next(iter(validation_loader(val_blocks, self.collator.collate, self.cfg.train, 1, 0)))
             with a.autocast():
                 tracker.add({k: torch.zeros_like(v) for k, v in self.module(to_device(batch, a.device)).items()})
+        metrics = tracker.compute(reduce=lambda x: a.reduce(x, "sum"))  # the same on every process
+        if self.probe is not None:  # every replica holds the same weights and texts: the same probe everywhere
+            module = unwrap(self.module)
+            metrics.update(probe_layers(self.probe, module.objective, module.model, self.cfg.train.probe.layers))
         self.module.train()
-        return tracker.compute(reduce=lambda x: a.reduce(x, "sum"))  # the same on every process
+        return metrics
 
     def save(self, root: Path, step: int, state: dict, keep_last: int) -> Path:
         return save_checkpoint(self.accelerator, root, step, state, keep_last, self.module, self.optimizer,

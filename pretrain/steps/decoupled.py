@@ -17,6 +17,7 @@ from ..decouple.layout import init_distributed, pick_device, resolve_layout
 from ..decouple.pipeline import Pipeline, window_normalizers
 from ..decouple.run import load_chunks, sidecar_files
 from ..fast import apply_fast_path_to_chunks, compile_errors_explained, fast_enabled
+from ..probe import build_probe
 from .base import StepStrategy
 
 
@@ -44,6 +45,7 @@ class DecoupledStep(StepStrategy):
         if fast_enabled(cfg.model, self.device):  # static shapes, fused layers, each chunk compiled
             apply_fast_path_to_chunks(self.model, cfg.data.block_size)
         self.pipeline = Pipeline(self.model, cfg, self.layout, self.device)
+        self.pipeline.probe = self.main_first(lambda: build_probe(cfg, objective, tokenizer, self.device))
         self.model.train()
         return self.model.model
 
