@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,7 @@ import objectives
 from . import config_io
 from .config_io import ConfigError, HasSections, changed_fields, choice, parse_overrides, sections
 from .decouple import modes
+from .decouple.ranges import layer_ranges
 
 
 def _objective_sections() -> dict[str, type]:
@@ -297,6 +299,13 @@ class DecoupleConfig(HasSections):
     freeze_lower: bool = False
     """local only, the control arm of DESIGN.md §4: chunks 0..K-2 keep their random initialisation (forward only,
     no updates) and only the last chunk trains, on their frozen features."""
+    overlap: int = 0
+    """local only: M, the layers shared across each boundary (overlapping local updates, Laskin et al. 2020): the
+    top M layers of chunk k (it owns them and their optimizer state) are also trained by chunk k+1's loss, whose
+    gradient at chunk k+1's input travels down and is backpropagated through those M layers only, never further.
+    0 = disjoint chunks; 0 <= M < the smallest chunk's layer count. Costs chunk k one backward pass of its top M
+    layers per micro-batch and one [B, L, H] fp32 message down per boundary; chunk k keeps up to two micro-batches'
+    graphs and waits for the window's last gradient before its update (README: "Overlapping local updates")."""
     sections: types.SimpleNamespace = sections(_mode_sections)
     """Options of the modes that have them (``decouple.synthetic``: synthetic-gradient modules, staleness)."""
 
@@ -309,6 +318,17 @@ class DecoupleConfig(HasSections):
         if self.freeze_lower and (self.mode != "local" or self.chunks < 2):
             raise ValueError("decouple.freeze_lower needs decouple.mode=local and decouple.chunks >= 2 "
                              "(it freezes chunks 0..K-2)")
+        if self.overlap < 0:
+            raise ValueError(f"decouple.overlap must be >= 0 (layers shared across each boundary), got {self.overlap}")
+        if self.overlap and self.mode == "synthetic":
+            raise ValueError("decouple.overlap has no meaning with decouple.mode=synthetic (no local loss trains the "
+                             "layers below a boundary): set decouple.overlap=0 or decouple.mode=local")
+        if self.overlap and (self.mode != "local" or self.chunks < 2):
+            raise ValueError(f"decouple.overlap={self.overlap} needs decouple.mode=local and decouple.chunks >= 2 "
+                             "(layers shared across a boundary between two local losses)")
+        if self.overlap and self.freeze_lower:
+            raise ValueError("decouple.overlap trains the lower chunks' top layers with the upper chunk's loss, but "
+                             "decouple.freeze_lower freezes them: set one of them off")
         if self.mode == "synthetic" and self.chunks < 2:
             raise ValueError("decouple.mode=synthetic needs decouple.chunks >= 2 (a boundary to predict gradients at)")
         for name, options in vars(self.sections).items():
@@ -363,6 +383,14 @@ class Config:
         if isinstance(d.boundaries, list) and d.boundaries and d.boundaries[-1] >= self.model.num_layers:
             raise ValueError(f"decouple.boundaries {d.boundaries} must be < model.num_layers "
                              f"({self.model.num_layers})")
+        if d.overlap and self.train.precision == "fp16":
+            raise ValueError("decouple.overlap does not implement fp16 loss scaling of the gradients the chunks "
+                             "exchange: use train.precision bf16 or fp32")
+        if d.overlap:
+            sizes = [stop - start for start, stop in layer_ranges(self.model.num_layers, d.chunks, d.boundaries)]
+            if d.overlap >= min(sizes):
+                raise ValueError(f"decouple.overlap={d.overlap} must be smaller than the smallest chunk's layer count "
+                                 f"(chunks of {sizes} layers): lower decouple.overlap or move decouple.boundaries")
         if not (self.data.demo or self.data.files or self.data.dataset):
             raise ValueError("no corpus: set data.files (local files), data.dataset (hub name) or data.demo")
 
@@ -396,8 +424,24 @@ RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.eval_every", "train
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
-    """Dotted keys whose values differ between two config dicts, ignoring ``RESUMABLE_CHANGES``."""
-    return config_io.differences(old, new, RESUMABLE_CHANGES)
+    """Dotted keys whose values differ between two config dicts, ignoring ``RESUMABLE_CHANGES``. A key ``old``
+    lacks counts as its default: a config saved before the key existed ran with it (e.g. ``decouple.overlap``)."""
+    return config_io.differences(_with_defaults(old, new, Config), new, RESUMABLE_CHANGES)
+
+
+def _with_defaults(old: dict, new: dict, cls: type) -> dict:
+    """``old`` plus the plain default of each field of dataclass ``cls`` that ``new`` has and ``old`` lacks."""
+    hints = typing.get_type_hints(cls)
+    out = dict(old)
+    for f in dataclasses.fields(cls):
+        key = f.metadata.get("key", f.name)
+        if key not in new:
+            continue
+        if key not in old and f.default is not dataclasses.MISSING:
+            out[key] = f.default
+        elif dataclasses.is_dataclass(hints[f.name]) and isinstance(old.get(key), dict) and isinstance(new[key], dict):
+            out[key] = _with_defaults(old[key], new[key], hints[f.name])
+    return out
 
 
 __all__ = ["RESUMABLE_CHANGES", "Config", "ConfigError", "DataConfig", "DecoupleConfig", "EWCConfig", "LogConfig",

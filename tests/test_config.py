@@ -93,6 +93,15 @@ def test_save_roundtrip_and_differences(tmp_path):
     assert diffs == ["train.lr: 0.0002 -> 0.0003"], "max_steps and the fast path may change on resume; lr may not"
 
 
+def test_a_key_missing_from_an_older_saved_config_counts_as_its_default():
+    """A run saved before ``decouple.overlap`` existed resumes with the default, and only with it."""
+    old = config_to_dict(load_config("configs/decoupled-local.yaml"))
+    del old["decouple"]["overlap"]
+    assert config_differences(old, config_to_dict(load_config("configs/decoupled-local.yaml"))) == []
+    changed = config_to_dict(load_config("configs/decoupled-local.yaml", ["decouple.overlap=1"]))
+    assert config_differences(old, changed) == ["decouple.overlap: 0 -> 1"]
+
+
 def test_saved_config_is_never_seen_half_written(tmp_path):
     """The other processes of a launch read config.yaml while the main process writes it (prepare_run_dir): a
     reader racing a writer sees the whole file every time (write_text would expose it empty or truncated)."""

@@ -1,6 +1,7 @@
 """decouple.mode=local (DESIGN.md §4): chunk isolation, K=1 == backprop, simulated == distributed (real gloo
 processes), exact resume after SIGKILL, the stitched export, the frozen control, data-parallel pipelines (D = 2 ×
-K = 2 processes == one pipeline of twice the micro-batch), config checks."""
+K = 2 processes == one pipeline of twice the micro-batch), config checks. The runs are repeated with overlapping
+local updates (``decouple.overlap=1``; its own invariants: tests/test_decouple_overlap.py)."""
 
 import json
 import os
@@ -258,11 +259,17 @@ def test_freeze_lower_keeps_lower_chunks_at_their_initialisation():
 LOSS_KEYS = ("chunk0_mlm_loss", "chunk0_mlm_acc", "chunk1_mlm_loss", "chunk1_mlm_acc", "mlm_loss", "mlm_acc")
 
 
+@pytest.fixture(scope="module", params=[0, 1], ids=["disjoint", "overlap1"])
+def overlap(request) -> list[str]:
+    """The runs below with disjoint chunks and with one layer shared across the boundary: their overrides."""
+    return [f"decouple.overlap={request.param}"] if request.param else []
+
+
 @pytest.fixture(scope="module")
-def distributed_run(tmp_path_factory):
+def distributed_run(tmp_path_factory, overlap):
     """K=2 processes (gloo), 6 steps of 2 micro-batches, a checkpoint every 2 steps."""
     run = tmp_path_factory.mktemp("dist") / "run"
-    torchrun(2, WORKER, str(TESTS), str(run), timeout=240, env={"SKIP_ROUNDTRIP": "1"})
+    torchrun(2, WORKER, str(TESTS), str(run), *overlap, timeout=240, env={"SKIP_ROUNDTRIP": "1"})
     return run
 
 
@@ -292,11 +299,21 @@ def fit_in_process(cfg):
             pretrain.data.prepare_blocks = saved
 
 
+def worker_config(output_dir, overrides: list[str]):
+    """The torchrun worker's config with dotted ``overrides``."""
+    from pretrain.config_io import parse_overrides, set_dotted
+
+    tree = decouple_worker.base_config(str(output_dir))
+    for key, value in parse_overrides(overrides):
+        set_dotted(tree, key, value)
+    return config_from_dict(tree)
+
+
 @pytest.fixture(scope="module")
-def simulated_run(tmp_path_factory):
+def simulated_run(tmp_path_factory, overlap):
     """The distributed run's config in one process."""
     run = tmp_path_factory.mktemp("sim") / "run"
-    fit_in_process(config_from_dict(decouple_worker.base_config(str(run))))
+    fit_in_process(worker_config(run, overlap))
     return run
 
 
@@ -401,11 +418,11 @@ def wait_gone(pid: int, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def test_distributed_run_killed_after_a_checkpoint_resumes_exactly(distributed_run, tmp_path):
+def test_distributed_run_killed_after_a_checkpoint_resumes_exactly(distributed_run, overlap, tmp_path):
     run = tmp_path / "run"
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={port}", WORKER, str(TESTS), str(run)]
+           "--master_addr=127.0.0.1", f"--master_port={port}", WORKER, str(TESTS), str(run), *overlap]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", SLOW_FETCH_S="0.05", SKIP_ROUNDTRIP="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -428,7 +445,7 @@ def test_distributed_run_killed_after_a_checkpoint_resumes_exactly(distributed_r
         wait_gone(pid)
     assert not (run / "export").exists() and not (run / "checkpoints" / "step-6").exists(), \
         "killed too late to test a resume"
-    out = torchrun(2, WORKER, str(TESTS), str(run), timeout=240, env={"SKIP_ROUNDTRIP": "1"})
+    out = torchrun(2, WORKER, str(TESTS), str(run), *overlap, timeout=240, env={"SKIP_ROUNDTRIP": "1"})
     resumed_at = int(out.stdout.split("resumed from")[1].split("(step ")[1].split(")")[0])
     assert 2 <= resumed_at < 6
     ref, got = train_records(distributed_run), train_records(run)
@@ -503,13 +520,15 @@ def test_cpu_smoke_local_updates_beat_the_frozen_random_lower_half(tmp_path, dem
 # --------------------------------------------------------------------------- data-parallel pipelines
 
 
-def test_two_data_parallel_pipelines_train_like_one_pipeline_of_twice_the_micro_batch(tmp_path, simulated_run):
+def test_two_data_parallel_pipelines_train_like_one_pipeline_of_twice_the_micro_batch(tmp_path, simulated_run,
+                                                                                        overlap):
     """D = 2 replicas of a K = 2 pipeline (4 gloo processes, rank = dp_index * 2 + chunk), micro-batch 2: replica d
     reads the d-th half of each global micro-batch, counts and gradients are summed over a chunk's replicas, so the
     losses and weights equal one pipeline of micro-batch 4 (the simulated run; dropout 0). Pipeline 0 alone logs,
     evaluates and writes the checkpoints."""
     run = tmp_path / "dp"
-    torchrun(4, WORKER, str(TESTS), str(run), "train.micro_batch_size=2", timeout=300, env={"SKIP_ROUNDTRIP": "1"})
+    torchrun(4, WORKER, str(TESTS), str(run), "train.micro_batch_size=2", *overlap, timeout=300,
+             env={"SKIP_ROUNDTRIP": "1"})
     dp, sim = train_records(run), train_records(simulated_run)
     assert sorted(dp) == sorted(sim) == list(range(1, 7))
     for step in dp:
@@ -529,7 +548,7 @@ def test_two_data_parallel_pipelines_train_like_one_pipeline_of_twice_the_micro_
     final = {k: load_file(str(run / "checkpoints" / "step-6" / f"chunk{k}" / "model.safetensors")) for k in range(2)}
     shutil.rmtree(run / "checkpoints" / "step-6")
     shutil.rmtree(run / "export")
-    proc = torchrun(4, WORKER, str(TESTS), str(run), "train.micro_batch_size=2", timeout=300,
+    proc = torchrun(4, WORKER, str(TESTS), str(run), "train.micro_batch_size=2", *overlap, timeout=300,
                     env={"SKIP_ROUNDTRIP": "1"})
     assert "resumed from" in proc.stdout and "(step 4)" in proc.stdout
     for k in range(2):

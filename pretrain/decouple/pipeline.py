@@ -13,6 +13,10 @@ on micro-batch t, chunk k-1 already computes t+1 (and may run into the next opti
 results and "checkpoint written" notes also flow up, to the process that holds the last chunk, which logs, commits
 checkpoints and exports; no step is a barrier.
 
+**Overlapping local updates** (``decouple.overlap: M``, ``overlap.py``) add one message kind flowing down: after its
+backward pass for micro-batch t, chunk k > 0 sends the gradient of its loss at its input to chunk k-1, which
+backpropagates it through its top M layers right after computing t+1; every window drains before the update.
+
 **Synthetic mode** (``synthetic.py``) adds one message kind flowing down: after its backward pass for micro-batch t,
 chunk k > 0 sends the true gradient of its input to chunk k-1, which receives the gradient of t-S right after it
 has computed micro-batch t (S = ``decouple.synthetic.staleness``). Warm-up and checkpoint steps drain: the window
@@ -45,6 +49,7 @@ from .chunks import ChunkedModel
 from .layout import Layout
 from .link import TAG_METRICS, TAG_SAVED, Link
 from .modes import stage_class
+from .overlap import OverlapStage
 
 
 class Pipeline:
@@ -54,7 +59,8 @@ class Pipeline:
 
     def __init__(self, model: ChunkedModel, cfg: Config, layout: Layout, device: torch.device):
         self.model, self.cfg, self.layout, self.device = model, cfg, layout, device
-        stage = stage_class(cfg.decouple.mode)
+        # decouple.overlap (local mode): the chunks also exchange gradients at the layers they share
+        stage = OverlapStage if cfg.decouple.overlap else stage_class(cfg.decouple.mode)
         self.stages = [stage(model, k, cfg, device, layout.dp_index) for k in layout.local_chunks]
         # 4 activation sends, plus what the mode sends down (synthetic: up to S+1 true gradients) meanwhile
         in_flight = 4 + stage.messages_down(cfg)

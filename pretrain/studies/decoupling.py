@@ -39,6 +39,8 @@ ARMS = {
     "backprop": ["decouple.mode=none", "decouple.chunks=1"],
     "local-K2": ["decouple.mode=local", "decouple.chunks=2"],
     "local-K4": ["decouple.mode=local", "decouple.chunks=4"],
+    # overlapping local updates (Laskin et al. 2020): chunk 1's loss also trains chunk 0's top layer
+    "local-K2-overlap1": ["decouple.mode=local", "decouple.chunks=2", "decouple.overlap=1"],
     "frozen-lower-K2": ["decouple.mode=local", "decouple.chunks=2", "decouple.freeze_lower=true"],
     # synthetic gradients (configs/decoupled-sg.yaml defaults: cDNI labels, mlp, rms-scaled targets, S = 1)
     "synthetic-K2": ["decouple.mode=synthetic", "decouple.chunks=2"],
