@@ -264,6 +264,11 @@ class DecoupleConfig(HasSections):
     freeze_lower: bool = False
     """local only, the control arm of DESIGN.md §4: chunks 0..K-2 keep their random initialisation (forward only,
     no updates) and only the last chunk trains, on their frozen features."""
+    until_step: int | None = None
+    """Local, then backprop (Laskin et al. 2020): train decoupled for optimizer steps 1..N, then the stitched model
+    end to end from step N+1 to train.max_steps, in the same loop (README "Local, then backprop"): AdamW moments and
+    step counts carry over, auxiliary heads and synthetic-gradient modules are dropped, the LR schedule and the
+    global batch continue. null = decoupled to the end. Needs mode local or synthetic and 1 <= N < train.max_steps."""
     sections: types.SimpleNamespace = sections(_mode_sections)
     """Options of the modes that have them (``decouple.synthetic``: synthetic-gradient modules, staleness)."""
 
@@ -276,6 +281,12 @@ class DecoupleConfig(HasSections):
         if self.freeze_lower and (self.mode != "local" or self.chunks < 2):
             raise ValueError("decouple.freeze_lower needs decouple.mode=local and decouple.chunks >= 2 "
                              "(it freezes chunks 0..K-2)")
+        if self.until_step is not None and self.mode == "none":
+            raise ValueError("decouple.until_step switches a decoupled run to end-to-end backprop: it needs "
+                             "decouple.mode local or synthetic (mode none is backprop throughout); remove until_step")
+        if self.until_step is not None and self.until_step < 1:
+            raise ValueError(f"decouple.until_step must be >= 1 (the last decoupled step), got {self.until_step}; "
+                             "use null for no switch")
         if self.mode == "synthetic" and self.chunks < 2:
             raise ValueError("decouple.mode=synthetic needs decouple.chunks >= 2 (a boundary to predict gradients at)")
         for name, options in vars(self.sections).items():
@@ -330,6 +341,10 @@ class Config:
         if isinstance(d.boundaries, list) and d.boundaries and d.boundaries[-1] >= self.model.num_layers:
             raise ValueError(f"decouple.boundaries {d.boundaries} must be < model.num_layers "
                              f"({self.model.num_layers})")
+        if d.until_step is not None and d.until_step >= self.train.max_steps:
+            raise ValueError(f"decouple.until_step ({d.until_step}) must be < train.max_steps "
+                             f"({self.train.max_steps}): the backprop phase trains steps until_step+1..max_steps; "
+                             "lower it, or set it to null to stay decoupled")
         if not (self.data.demo or self.data.files or self.data.dataset):
             raise ValueError("no corpus: set data.files (local files), data.dataset (hub name) or data.demo")
 
