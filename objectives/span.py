@@ -415,7 +415,9 @@ class SpanObjective(MLMObjective):
         mlm_sum, mlm_correct = self.masked_lm_sums(model.cls(hidden.flatten(0, 1)[index]),
                                                    self.gather_targets(batch["labels"], index, valid))
         left, right, positions, targets = self.sbo_inputs(hidden, batch)
-        sbo_logits = self.sbo_head(left, right, positions, model.bert.embeddings.word_embeddings.weight)
+        # the decoder's matrix: the word embeddings (tied), or their untied copy the last chunk of a decoupled run
+        # trained (FinalSpanHead), so the stitched model computes what the chunks did (decouple.until_step)
+        sbo_logits = self.sbo_head(left, right, positions, model.cls.predictions.decoder.weight)
         sbo_sum, sbo_correct = self.masked_lm_sums(sbo_logits, targets)
         counts = {"n_masked": selected.sum(), "n_sbo": (batch["sbo_pos"] >= 0).sum()}
         extra = {"mlm_acc": mlm_correct / counts["n_masked"].clamp(min=1),

@@ -33,6 +33,9 @@ RNG_FILE = "rng_state_{}.json"  # one per process
 LEGACY_RNG_FILE = "random_states_{}.pkl"  # accelerate's, in checkpoints written before checksums
 EXTRA_FILE = "custom_checkpoint_{}.pkl"  # accelerate's name for registered objects, kept: older checkpoints load
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+#: trainer-state key naming the phase of a hybrid run (``decouple.until_step``) that wrote the checkpoint: "backprop"
+#: after the switch (the stitched model's checkpoint); absent before it (the decoupled chunks')
+PHASE_KEY = "phase"
 
 
 class CheckpointError(RuntimeError):

@@ -306,6 +306,11 @@ class DecoupleConfig(HasSections):
     0 = disjoint chunks; 0 <= M < the smallest chunk's layer count. Costs chunk k one backward pass of its top M
     layers per micro-batch and one [B, L, H] fp32 message down per boundary; chunk k keeps up to two micro-batches'
     graphs and waits for the window's last gradient before its update (README: "Overlapping local updates")."""
+    until_step: int | None = None
+    """Local, then backprop (Laskin et al. 2020): train decoupled for optimizer steps 1..N, then the stitched model
+    end to end from step N+1 to train.max_steps, in the same loop (README "Local, then backprop"): AdamW moments and
+    step counts carry over, auxiliary heads and synthetic-gradient modules are dropped, the LR schedule and the
+    global batch continue. null = decoupled to the end. Needs mode local or synthetic and 1 <= N < train.max_steps."""
     sections: types.SimpleNamespace = sections(_mode_sections)
     """Options of the modes that have them (``decouple.synthetic``: synthetic-gradient modules, staleness)."""
 
@@ -329,6 +334,12 @@ class DecoupleConfig(HasSections):
         if self.overlap and self.freeze_lower:
             raise ValueError("decouple.overlap trains the lower chunks' top layers with the upper chunk's loss, but "
                              "decouple.freeze_lower freezes them: set one of them off")
+        if self.until_step is not None and self.mode == "none":
+            raise ValueError("decouple.until_step switches a decoupled run to end-to-end backprop: it needs "
+                             "decouple.mode local or synthetic (mode none is backprop throughout); remove until_step")
+        if self.until_step is not None and self.until_step < 1:
+            raise ValueError(f"decouple.until_step must be >= 1 (the last decoupled step), got {self.until_step}; "
+                             "use null for no switch")
         if self.mode == "synthetic" and self.chunks < 2:
             raise ValueError("decouple.mode=synthetic needs decouple.chunks >= 2 (a boundary to predict gradients at)")
         for name, options in vars(self.sections).items():
@@ -391,6 +402,10 @@ class Config:
             if d.overlap >= min(sizes):
                 raise ValueError(f"decouple.overlap={d.overlap} must be smaller than the smallest chunk's layer count "
                                  f"(chunks of {sizes} layers): lower decouple.overlap or move decouple.boundaries")
+        if d.until_step is not None and d.until_step >= self.train.max_steps:
+            raise ValueError(f"decouple.until_step ({d.until_step}) must be < train.max_steps "
+                             f"({self.train.max_steps}): the backprop phase trains steps until_step+1..max_steps; "
+                             "lower it, or set it to null to stay decoupled")
         if not (self.data.demo or self.data.files or self.data.dataset):
             raise ValueError("no corpus: set data.files (local files), data.dataset (hub name) or data.demo")
 

@@ -36,10 +36,16 @@ def write_export(objective, model: nn.Module, export_dir: Path, tokenizer, cfg,
 
 def _load_backprop_checkpoint(cfg, path: Path, tokenizer):
     """The objective and its model with the weights of a backprop run's checkpoint ``path``."""
-    from safetensors.torch import load_file
-
     objective = cfg.objective.build(tokenizer, cfg.train.seed)
     model = objective.build_model(cfg.model)
+    _load_weights(model, objective, path)
+    return objective, model
+
+
+def _load_weights(model: nn.Module, objective: nn.Module, path: Path) -> None:
+    """Load ``model.safetensors`` of backprop checkpoint ``path`` (keys ``model.…``, ``objective.…``) in place."""
+    from safetensors.torch import load_file
+
     holder = nn.ModuleDict({"model": model, "objective": objective})
     weights = load_file(str(path / "model.safetensors"))
     missing, unexpected = holder.load_state_dict(weights, strict=False)
@@ -52,7 +58,6 @@ def _load_backprop_checkpoint(cfg, path: Path, tokenizer):
     if untied_missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the run's model: missing {untied_missing}, "
                          f"unexpected {sorted(unexpected)}")
-    return objective, model
 
 
 def _no_checkpoint_message(root: Path, wanted: Path | None) -> str:
@@ -71,7 +76,7 @@ def export_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None,
     back into one model) and export it as the end of training does. Returns the export directory."""
     from transformers import AutoTokenizer
 
-    from .checkpoint import COMPLETE, latest_checkpoint
+    from .checkpoint import COMPLETE, PHASE_KEY, latest_checkpoint, read_state
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -81,6 +86,15 @@ def export_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None,
     path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir / "checkpoints")
     if path is None or not (path / COMPLETE).is_file():
         raise FileNotFoundError(_no_checkpoint_message(run_dir / "checkpoints", path))
+    if cfg.decouple.mode != "none" and read_state(path).get(PHASE_KEY) == "backprop":
+        # decouple.until_step: after the switch a checkpoint holds the stitched model (untied as the chunks were)
+        from .decouple.run import build_chunked_model
+
+        tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
+        chunked, _ = build_chunked_model(cfg, tokenizer)
+        _load_weights(chunked.model, chunked.objective, path)
+        write_export(chunked.objective, chunked.export_model().float().cpu(), out, tokenizer, cfg)
+        return out
     if cfg.decouple.mode != "none":
         from .decouple.run import load_run, sidecar_files
 

@@ -2,7 +2,9 @@
 
 Per optimizer step: the LR of the step (a function of it) → fetch this process's micro-batches → the step strategy
 takes the step (``pretrain/steps/``: end-to-end backprop under accelerate, or the decoupled chunk pipeline) →
-log / evaluate / checkpoint at their cadences. Everything around the step exists once, here: the run directory,
+log / evaluate / checkpoint at their cadences. After the strategy's ``switch_at`` step (``decouple.until_step``) the
+loop logs that step, lets the strategy switch (decoupled → backprop of the stitched model) and reads on from the
+stream with the strategy's new per-process share: one loop, one LR schedule, one global batch. Everything around the step exists once, here: the run directory,
 data, tokenizer, resume, the loader, throughput and MFU, the metrics log and console progress, evaluation,
 checkpoint cadence and the final export. A strategy may return None from ``window_metrics``/``evaluate`` on
 processes that hold no metrics, and only its ``is_logger`` process logs, prints and exports: nothing here assumes a
@@ -46,10 +48,11 @@ def setup(cfg: Config, step_runner, out_dir: Path, data=None):
 
 
 def train_loader(cfg: Config, step_runner, collator, data, start_step: int):
-    """This process's share of the training stream from optimizer step ``start_step`` (O(1) resume)."""
-    t = cfg.train
-    return make_loader(StreamDataset(data.train, t.seed), collator.collate, t.micro_batch_size, step_runner.replicas,
-                       step_runner.replica_index, start=start_step * t.grad_accum, stop=None,
+    """This process's share of the training stream from optimizer step ``start_step`` (O(1) resume), in the
+    strategy's micro-batches (``step_runner.micro_batch_size`` × ``grad_accum`` per step)."""
+    t, s = cfg.train, step_runner
+    return make_loader(StreamDataset(data.train, t.seed), collator.collate, s.micro_batch_size, s.replicas,
+                       s.replica_index, start=start_step * s.grad_accum, stop=None,
                        num_workers=cfg.data.num_workers, pin_memory=step_runner.device.type == "cuda")
 
 
@@ -60,12 +63,12 @@ def rounded(metrics: dict) -> dict:
 
 def start_banner(cfg: Config, step_runner) -> str:
     """One line: processes, device, precision, global batch (blocks and tokens per step) and steps."""
-    t = cfg.train
-    blocks = step_runner.replicas * t.grad_accum * t.micro_batch_size
-    return (f"training: {step_runner.world_size} process(es) ({step_runner.replicas} data-parallel), device "
-            f"{step_runner.device.type}, precision {t.precision}, global batch {blocks} blocks = "
-            f"{blocks * cfg.data.block_size} tokens per step ({step_runner.replicas} x {t.grad_accum} accumulated "
-            f"x {t.micro_batch_size}), {t.max_steps} steps")
+    t, s = cfg.train, step_runner
+    blocks = s.replicas * s.grad_accum * s.micro_batch_size
+    return (f"training: {s.world_size} process(es) ({s.replicas} data-parallel), device "
+            f"{s.device.type}, precision {t.precision}, global batch {blocks} blocks = "
+            f"{blocks * cfg.data.block_size} tokens per step ({s.replicas} x {s.grad_accum} accumulated "
+            f"x {s.micro_batch_size}), {t.max_steps} steps")
 
 
 def fit(cfg: Config, overwrite: bool = False, data=None) -> dict:
@@ -96,7 +99,9 @@ def fit_locked(cfg: Config, step_runner, overwrite: bool, data) -> dict:
         if step_runner.is_logger:
             print(f"resumed from {resume} (step {state['step']})", flush=True)
 
-    tokens_per_step = step_runner.replicas * t.grad_accum * t.micro_batch_size * cfg.data.block_size
+    # the same on both sides of a switch (the strategy keeps the global batch)
+    tokens_per_step = step_runner.replicas * step_runner.grad_accum * step_runner.micro_batch_size * \
+        cfg.data.block_size
     if step_runner.is_logger:
         print(start_banner(cfg, step_runner), flush=True)
     batches = iter(train_loader(cfg, step_runner, collator, data, state["step"]))
@@ -125,14 +130,14 @@ def fit_locked(cfg: Config, step_runner, overwrite: bool, data) -> dict:
     while step < t.max_steps:
         lr = lr_for(t, step)
         fetch_start = time.perf_counter()
-        micro = [next(batches) for _ in range(t.grad_accum)]
+        micro = [next(batches) for _ in range(step_runner.grad_accum)]
         data_wait += time.perf_counter() - fetch_start
         step_runner.train_step(micro, lr, step)
         step += 1
         window_steps += 1
         state.update(step=step, tokens=state["tokens"] + tokens_per_step)
 
-        if step % t.log_every == 0 or step == t.max_steps:
+        if step % t.log_every == 0 or step == t.max_steps or step == step_runner.switch_at:
             metrics = step_runner.window_metrics()
             if metrics is not None:
                 elapsed = time.perf_counter() - window_start
@@ -151,6 +156,15 @@ def fit_locked(cfg: Config, step_runner, overwrite: bool, data) -> dict:
                 logger.log(record)
                 logger.progress(record, elapsed / window_steps)
             window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+
+        if step == step_runner.switch_at:  # its window was just logged; the next step is taken the new way
+            step_runner.switch()
+            batches = iter(train_loader(cfg, step_runner, collator, data, step))
+            skipped_logged = 0  # the new strategy counts its own skipped updates
+            logger.log({"event": "switch", "step": step, **step_runner.describe()}, prefix="run")
+            if step_runner.is_logger:
+                print(f"step {step}: switched to {step_runner.describe().get('phase')}; "
+                      + start_banner(cfg, step_runner), flush=True)
 
         if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
             log_eval(step)

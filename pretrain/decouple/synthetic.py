@@ -219,12 +219,14 @@ class SyntheticStage(Stage):
         return 2 * (cfg.decouple.synthetic.staleness + 1)
 
     def begin_window(self, step: int | None) -> bool:
-        """Warm-up steps use the true gradient alone; they, checkpoint steps and the last step drain the window."""
+        """Warm-up steps use the true gradient alone; they, checkpoint steps and the last step (``train.max_steps``, or
+        ``decouple.until_step`` where the run switches to backprop) drain the window."""
         if step is None:
             return False
         t = self.cfg.train
         self.use_true = step < self.options.warmup_steps
-        return self.use_true or step + 1 == t.max_steps or bool(t.save_every and (step + 1) % t.save_every == 0)
+        last = step + 1 in (t.max_steps, self.cfg.decouple.until_step)  # the decoupled phase's last step
+        return self.use_true or last or bool(t.save_every and (step + 1) % t.save_every == 0)
 
     # ------------------------------------------------------------------ one micro-batch
     def forward_backward(self, batch, inputs, normalizers, autocast) -> dict[str, torch.Tensor]:

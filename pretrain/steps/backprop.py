@@ -84,6 +84,7 @@ class BackpropStep(StepStrategy):
         self.device = a.device
         self.world_size = self.replicas = a.num_processes
         self.replica_index = a.process_index
+        self.grad_accum, self.micro_batch_size = cfg.train.grad_accum, cfg.train.micro_batch_size
         self.is_main = self.is_logger = a.is_main_process
 
     def barrier(self) -> None:

@@ -3,7 +3,7 @@
 A step strategy owns the processes, the device, the trained modules and their optimizers. The loop asks it, in
 this order: ``barrier`` / ``main_first`` (run-directory and data-cache set-up), ``build`` (models, optimizers, fast
 path), ``load`` (resume), then per optimizer step ``train_step``, and at its cadences ``window_metrics``,
-``evaluate``, ``save``; at the end ``export_model`` and ``close``. Methods that produce results may return None on
+``evaluate``, ``save``; after step ``switch_at`` (if any) ``switch``; at the end ``export_model`` and ``close``. Methods that produce results may return None on
 processes that hold none (a pipeline gathers its metrics on its last process); only ``is_logger`` logs, prints and
 exports, so the loop never assumes a collective in log, evaluation or save.
 """
@@ -23,15 +23,20 @@ T = TypeVar("T")
 class StepStrategy:
     """The surface the loop drives; see the module docstring. Subclasses set, in ``__init__`` (which launches or
     joins the processes): ``device``, ``world_size`` (processes), ``replicas`` (data-parallel copies, D: each reads
-    its own share of the stream), ``replica_index``, ``is_main`` (prepares the run directory and data cache) and
-    ``is_logger`` (logs, prints, exports)."""
+    its own share of the stream), ``replica_index``, ``grad_accum`` and ``micro_batch_size`` (this process's
+    micro-batches per step and their blocks: a step's global batch is replicas × grad_accum × micro_batch_size
+    blocks), ``is_main`` (prepares the run directory and data cache) and ``is_logger`` (logs, prints, exports)."""
 
     device: torch.device
     world_size: int = 1
     replicas: int = 1
     replica_index: int = 0
+    grad_accum: int = 1
+    micro_batch_size: int = 1
     is_main: bool = True
     is_logger: bool = True
+    #: optimizer step after which the loop calls :meth:`switch` (None: never)
+    switch_at: int | None = None
 
     def barrier(self) -> None:
         """Wait for every process of the launch."""
@@ -56,6 +61,13 @@ class StepStrategy:
 
     def train_step(self, micro_batches: list[dict], lr: float, step: int) -> None:
         """One optimizer step (0-based ``step``) on this process's ``train.grad_accum`` micro-batches at ``lr``."""
+        raise NotImplementedError
+
+    def switch(self) -> None:
+        """After step ``switch_at``: change how the following steps are taken (``decouple.until_step``: the
+        decoupled pipeline hands its model to end-to-end backprop). The global batch stays the same; the share of
+        each process (``replicas``, ``replica_index``, ``grad_accum``, ``micro_batch_size``) may change, and the loop
+        rebuilds its loader from it."""
         raise NotImplementedError
 
     def window_metrics(self) -> dict[str, float] | None:

@@ -30,6 +30,7 @@ class DecoupledStep(StepStrategy):
         self.device = pick_device(cfg.train, layout)
         init_distributed(layout, self.device)
         self.world_size, self.replicas, self.replica_index = layout.world_size, layout.replicas, layout.dp_index
+        self.grad_accum, self.micro_batch_size = cfg.train.grad_accum, cfg.train.micro_batch_size
         self.is_main, self.is_logger = layout.is_main, layout.is_last
 
     def barrier(self) -> None:
