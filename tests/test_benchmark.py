@@ -99,7 +99,8 @@ def test_quality_suite_trains_every_arm_and_reports_curves(benchmark, tmp_path):
     (tmp_path / "corpus" / "a.txt").write_text("\n".join(toy_corpus(n_docs=150, seed=4)) + "\n")
     cfg = write_tiny_config(tmp_path / "base.yaml", tmp_path / "corpus", tmp_path / "cache")
     out = tmp_path / "quality.json"
-    argv = ["quality", "--config", str(cfg), "--shapes", "h128-L4", "--seeds", "0", "--steps", "4",
+    argv = ["quality", "--config", str(cfg), "--shapes", "h128-L4", "--seeds", "0", "--steps", "4", "--arms",
+            "backprop-2threads", "backprop-1thread", "local-K2", "local-K2-then-backprop", "frozen-lower-K2",
             "--eval-every", "2", "--eval-batches", "1", "--batch", "4", "--out-runs", str(tmp_path / "runs"),
             "--out", str(out), "--override", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
             "model.intermediate_size=64", "train.device=cpu"]
@@ -107,11 +108,15 @@ def test_quality_suite_trains_every_arm_and_reports_curves(benchmark, tmp_path):
     result = json.loads(out.read_text())
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     curves, summary = result["shapes"]["h128-L4"]["curves"], result["shapes"]["h128-L4"]["summary"]
-    assert set(curves) == {"backprop-2threads", "backprop-1thread", "local-K2", "frozen-lower-K2"}
+    assert set(curves) == {"backprop-2threads", "backprop-1thread", "local-K2", "local-K2-then-backprop",
+                           "frozen-lower-K2"}
     for arm, c in curves.items():
         assert c["step"] == [2, 4], (arm, c["step"])
         assert c["tokens"] == [s * 4 * 32 for s in c["step"]] and all(np.diff(c["wall_s"]) > 0)
     assert set(curves["local-K2"]["chunks"][-1]) == {"chunk0_mlm_loss", "chunk1_mlm_loss"}
+    # switched after step 3 of 4: chunk losses at the evaluation of step 2 only
+    assert [set(c) for c in curves["local-K2-then-backprop"]["chunks"]] == [{"chunk0_mlm_loss", "chunk1_mlm_loss"},
+                                                                             set()]
     assert all(g == 1.0 for g in summary["backprop-2threads"]["G_tokens"].values())
     assert all(g == 0.0 for g in summary["frozen-lower-K2"]["G_tokens"].values())
     assert summary["backprop-2threads"]["time_to_backprop_final_s"] == pytest.approx(curves["backprop-2threads"]

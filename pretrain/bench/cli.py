@@ -42,8 +42,9 @@ Suites (subcommands):
   (each run records the load average at its start).
 
 * ``quality``: issue 18's time to quality. Real training runs (``scripts/pretrain.py``, ``torchrun`` for the
-  2-process arms) of backprop (1 process × 2 threads, × 1 thread), local updates K = 2 (2 processes × 1 thread)
-  and the frozen-lower-chunk control at two shapes and several seeds: held-out loss against tokens and wall clock,
+  2-process arms) of backprop (1 process × 2 threads, × 1 thread), local updates K = 2 (2 processes × 1 thread;
+  also overlapping, and then backprop), the shipped synthetic-gradient setting (and then backprop) and the
+  frozen-lower-chunk control at two shapes and several seeds: held-out loss against tokens and wall clock,
   G at equal tokens and at equal wall time, time to backprop's final loss; JSON + PNG (see
   ``pretrain/bench/quality.py``).
 
@@ -128,6 +129,8 @@ def main(argv=None) -> int:
     q.add_argument("--eval-every", type=int, default=100)
     q.add_argument("--eval-batches", type=int, default=16)
     q.add_argument("--batch", type=int, default=32, help="blocks per step")
+    q.add_argument("--switch-at", type=float, default=0.75,
+                   help="the hybrid arms switch to backprop after this fraction of the steps")
     q.add_argument("--override", nargs="*", default=[], help="extra key.sub=value overrides for every arm")
     q.add_argument("--out-runs", type=Path, default=Path("runs") / "quality", help="the arms' run directories")
     q.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/quality-<date>.json)")

@@ -1,10 +1,11 @@
 """Time to quality (issue 18): held-out MLM loss against training tokens and against wall clock for backprop and
 the decoupled arms, on the same data, seed and global batch, each arm a real run of ``scripts/pretrain.py``.
 
-Arms (``ARMS``: processes × threads each, overrides): backprop on 1 process with 2 threads and with 1 thread; local
-updates K = 2 on 2 processes × 1 thread (``torchrun``, gloo); the frozen-random lower chunk (the control) the same
-way; and, where the runtime offers them, overlapping local updates and local-then-backprop. Every arm evaluates
-the same fixed validation blocks every ``--eval-every`` steps.
+Arms (``ARMS``: processes × threads each, overrides): backprop on 1 process with 2 threads and with 1 thread; on 2
+processes × 1 thread (``torchrun``, gloo): local updates K = 2, with one overlapping layer, local then backprop
+(switching at ``--switch-at`` of the steps), the shipped synthetic-gradient setting and its hybrid, and the
+frozen-random lower chunk (the control). Every arm evaluates the same fixed validation blocks every
+``--eval-every`` steps.
 
 Wall clock of an evaluation at step s = time of step s's train record − the run's start record − the time spent in
 the evaluations before s (so evaluation cost is not charged to training; data preparation happens before the start
@@ -35,12 +36,21 @@ from .common import default_out, environment
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: arm -> (processes, threads per process, overrides)
+#: arm -> (processes, threads per process, overrides); ``{switch}`` = ``--switch-at`` × steps, ``{half}`` = half the
+#: batch and ``{eval2}`` = twice ``--eval-batches`` (the same validation blocks in micro-batches of half the size)
+LOCAL = ["decouple.mode=local", "decouple.chunks=2"]
+SHIPPED_SG = ["decouple.mode=synthetic", "decouple.chunks=2", "decouple.synthetic.mix=0.5",
+              "decouple.synthetic.staleness=1", "train.micro_batch_size={half}", "train.grad_accum=2",
+              "train.eval_batches={eval2}"]  # configs/decoupled-sg.yaml: two micro-batches per step, λ = 0.5, S = 1
 ARMS = {
     "backprop-2threads": (1, 2, ["decouple.mode=none", "decouple.chunks=1"]),
     "backprop-1thread": (1, 1, ["decouple.mode=none", "decouple.chunks=1"]),
-    "local-K2": (2, 1, ["decouple.mode=local", "decouple.chunks=2"]),
-    "frozen-lower-K2": (2, 1, ["decouple.mode=local", "decouple.chunks=2", "decouple.freeze_lower=true"]),
+    "local-K2": (2, 1, LOCAL),
+    "local-K2-overlap1": (2, 1, [*LOCAL, "decouple.overlap=1"]),
+    "local-K2-then-backprop": (2, 1, [*LOCAL, "decouple.until_step={switch}"]),
+    "synthetic-K2": (2, 1, SHIPPED_SG),
+    "synthetic-K2-then-backprop": (2, 1, [*SHIPPED_SG, "decouple.until_step={switch}"]),
+    "frozen-lower-K2": (2, 1, [*LOCAL, "decouple.freeze_lower=true"]),
 }
 #: shape name -> model overrides (the two shapes of benchmarks/RESULTS.md)
 SHAPES = {
@@ -60,7 +70,8 @@ def run_arm(args, shape: str, arm: str, seed: int) -> Path:
                  f"train.eval_every={args.eval_every}", f"train.log_every={args.eval_every}",
                  f"train.eval_batches={args.eval_batches}", f"train.micro_batch_size={args.batch}",
                  "train.grad_accum=1", f"train.save_every={args.steps}", "log.tensorboard=false",
-                 *SHAPES[shape], *overrides, *args.override]
+                 *SHAPES[shape], *(o.format(switch=max(1, round(args.switch_at * args.steps)), half=args.batch // 2,
+                                            eval2=2 * args.eval_batches) for o in overrides), *args.override]
     script = [str(ROOT / "scripts" / "pretrain.py"), str(args.config), *overrides]
     if processes > 1:  # --standalone: a local rendezvous on a free port
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
