@@ -40,6 +40,7 @@ from .backprop import BackpropStep
 from .base import LaunchError, StepStrategy, seed_everything
 from .decoupled import DecoupledStep
 
+
 def backprop_share(cfg, chunks: int, runtime: str) -> tuple[int, int]:
     """``(grad_accum, micro_batch_size)`` of each process after the switch, keeping the global batch: a distributed
     pipeline's K processes split its share (micro-batches of b/K blocks, else A/K micro-batches); simulated: as is."""
