@@ -564,3 +564,20 @@ def test_npy_appender_and_truncate(tmp_path):
     with NpyAppender(tmp_path / "empty.npy", np.int16, 7):
         pass
     assert np.load(tmp_path / "empty.npy").shape == (0, 7)
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar():
+    import io
+
+    from pretrain.data.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    with Progress("work", total=10, stream=stream) as progress:
+        for _ in range(10):
+            progress.update(1, tokens=1000)
+    out = stream.getvalue()
+    assert out.startswith("\rwork:   0%|") and re.search(r"\rwork: 100%\|#+\| 10/10 docs \[00:00<00:00, [\d.]+[kMG]? tok/s\]\n$", out), out

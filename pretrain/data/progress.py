@@ -31,8 +31,9 @@ class Progress:
         self.start = self._last_line = time.perf_counter()
         self._bar = None
         if self.stream.isatty():
-            self._bar = tqdm(total=total, desc=desc, unit=f" {unit}", unit_scale=True, file=self.stream,
-                             dynamic_ncols=True, mininterval=0.5)
+            self._bar = tqdm(total=total, desc=desc, file=self.stream, dynamic_ncols=True, mininterval=0.5,
+                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} " + unit
+                             + "s [{elapsed}<{remaining}{postfix}]")
 
     def rate(self) -> float:
         """Counted items (tokens) per second since the start."""
