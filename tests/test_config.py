@@ -76,7 +76,8 @@ def test_num_proc_defaults_to_the_usable_cores():
     from pretrain.config import DataConfig
 
     expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert DataConfig().num_proc == expected >= 1
+    assert DataConfig().num_proc is None and DataConfig().processes() == expected >= 1
+    assert DataConfig(num_proc=3).processes() == 3
 
 
 def test_no_corpus_is_an_error(tmp_path):

@@ -7,6 +7,7 @@ Run as a script (``torchrun … test_registries.py TESTS_DIR OUTPUT_DIR [overrid
 runs ``tests/dist/decouple_worker.py``'s in-memory training.
 """
 
+import functools
 import json
 import subprocess
 import sys
@@ -31,6 +32,8 @@ ROOT = Path(__file__).parent.parent
 #: written by ``save_config`` at commit b2779d5 (before the split) for
 #: ``load_config("configs/decoupled-sg.yaml", ["output_dir=runs/sg", "objective.span.mask_ratio=0.2"])``
 HEAD_CONFIG = Path(__file__).parent / "fixtures" / "config-b2779d5.yaml"
+#: config fields added after b2779d5 (each defaults to null, so an older config.yaml loads to the same config)
+ADDED_SINCE = ("data.num_proc", "train.ewc.fisher_data.num_proc")
 
 
 @dataclass
@@ -182,6 +185,10 @@ def test_config_written_before_the_split_matches_and_keeps_its_key_order():
     new = config_to_dict(load_config("configs/decoupled-sg.yaml", ["output_dir=runs/sg",
                                                                    "objective.span.mask_ratio=0.2"]))
     assert config_differences(old, new) == []
+    for dotted in ADDED_SINCE:  # the file's keys keep their order; fields added later come with a null default
+        *parents, key = dotted.split(".")
+        section = functools.reduce(dict.__getitem__, parents, new)
+        assert section.pop(key) is None, dotted
     assert yaml.safe_dump(new, sort_keys=False) == HEAD_CONFIG.read_text()
     assert load_config(HEAD_CONFIG) == load_config("configs/decoupled-sg.yaml",
                                                    ["output_dir=runs/sg", "objective.span.mask_ratio=0.2"])

@@ -134,7 +134,7 @@ def prepare_blocks(cfg) -> PreparedData:
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     out = expand_cache_dir(data_cfg) / "blocks" / key
     if not (out / "meta.json").exists():
-        _build(get_corpus(), tokenizer, settings, out, data_cfg.num_proc)
+        _build(get_corpus(), tokenizer, settings, out, data_cfg.processes())
     else:
         logger.info("blocks: reusing %s", out)
     return _load(out, tokenizer)
