@@ -10,6 +10,7 @@ as a :class:`ConfigError`. ``save_config`` writes the resolved tree back to YAML
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,11 @@ from . import config_io
 from .config_io import ConfigError, HasSections, changed_fields, choice, parse_overrides, sections
 from .decouple import modes
 from .decouple.ranges import layer_ranges
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _objective_sections() -> dict[str, type]:
@@ -57,6 +63,9 @@ class DataConfig:
     """Where the demo corpus, trained tokenizers and packed blocks are cached (keyed by a hash of their inputs)."""
     num_workers: int = 1
     """DataLoader worker processes that run the objective's masking (0 = in the training process)."""
+    num_proc: int | None = None
+    """Processes that tokenize the corpus when the blocks are prepared (null = the usable CPU cores, see
+    ``processes()``). The blocks are byte-identical for any value, so it is not part of their cache key."""
 
     def __post_init__(self):
         if not 0.0 <= self.validation_fraction < 1.0:
@@ -65,9 +74,16 @@ class DataConfig:
             raise ValueError(f"data.block_size must be >= 8, got {self.block_size}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ValueError(f"data.num_proc must be >= 1 (processes that tokenize the corpus) or null (the usable "
+                             f"cores), got {self.num_proc}")
         unknown = sorted(set(self.demo) - {"bible", "pydoc", "gcide", "wordnet"})
         if unknown:
             raise ValueError(f"data.demo has unknown parts {unknown}; choose from bible, pydoc, gcide, wordnet")
+
+    def processes(self) -> int:
+        """Tokenizing processes: ``num_proc``, or the usable CPU cores when it is null."""
+        return usable_cores() if self.num_proc is None else self.num_proc
 
 
 @dataclass
@@ -434,7 +450,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 #: keys that may change between a run and its resumption (anything else must match the saved config); output_dir
 #: is where the run is, not what it is (a moved or copied run resumes)
 RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.eval_every", "train.save_every", "train.keep_last",
-                     "train.log_every", "train.eval_batches", "train.probe", "data.num_workers", "data.cache_dir", "log.",
+                     "train.log_every", "train.eval_batches", "train.probe", "data.num_workers", "data.num_proc",
+                     "train.ewc.fisher_data.num_proc", "data.cache_dir", "log.",
                      "decouple.runtime", "model.fast")
 
 

@@ -60,6 +60,7 @@ def test_all_problems_reported_at_once():
     ("data.block_size=4096", "exceeds model.max_position_embeddings"),
     ("data.validation_fraction=1.5", "validation_fraction"),
     ("data.demo=[bibel]", "unknown parts"),
+    ("data.num_proc=0", r"data.num_proc must be >= 1 \(processes that tokenize"),
     ("tokenizer.vocab_size=10", "vocab_size must be >= 128"),
     ("objective.mlm.mask_ratio=1.5", "mask_ratio must be in"),
     ("objective.mlm.random_token_prob=0.5", "sum to at most 1"),
@@ -67,6 +68,16 @@ def test_all_problems_reported_at_once():
 def test_validation_rules(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config("configs/tiny.yaml", [override])
+
+
+def test_num_proc_defaults_to_the_usable_cores():
+    import os
+
+    from pretrain.config import DataConfig
+
+    expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert DataConfig().num_proc is None and DataConfig().processes() == expected >= 1
+    assert DataConfig(num_proc=3).processes() == 3
 
 
 def test_no_corpus_is_an_error(tmp_path):

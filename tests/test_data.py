@@ -4,6 +4,8 @@ corpus. Tiny corpora are written to tmp_path; only ``test_demo_bible`` uses the 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import pickle
 import random
 import time
@@ -474,3 +476,108 @@ def test_non_utf8_json_and_csv_name_the_file_and_offset(tmp_path, name, content,
     (tmp_path / name).write_bytes(content)
     with pytest.raises(CorpusEncodingError, match=rf"{name} is not UTF-8 text \(byte 0xe9 at offset {offset}\)"):
         load_corpus(data_cfg(tmp_path, files=[str(good), str(tmp_path / name)]))
+
+
+# --------------------------------------------------------------------------- parallel preparation, progress
+
+
+def _cache_files(path) -> dict:
+    """Every file of a block cache (bytes), meta.json without the build's time and process count."""
+    files = {f.name: f.read_bytes() for f in sorted(path.iterdir()) if f.name != "meta.json"}
+    meta = json.loads((path / "meta.json").read_text())
+    return {**files, "meta": {k: v for k, v in meta.items() if k not in ("seconds", "num_proc")}}
+
+
+@pytest.mark.parametrize("docs, block_size, split_by", [(toy_docs(120), 32, "documents"),
+                                                        (toy_docs(6, words=(20, 25)), 64, "blocks")])
+def test_blocks_are_byte_identical_for_any_num_proc(tmp_path, monkeypatch, docs, block_size, split_by):
+    """Documents cross block boundaries and batches of 7 (or 2) documents give every worker several shards, so a
+    shard boundary that broke the stream (carry, [SEP], word ids, the split) would show."""
+    from pretrain.data import tokenize as tokenize_mod
+
+    monkeypatch.setattr(tokenize_mod, "TOKENIZE_BATCH_DOCS", 7 if split_by == "documents" else 2)
+    path = write_jsonl(tmp_path / "c.jsonl", docs)
+    built = {}
+    for num_proc in (1, 2, 3):
+        cfg = make_cfg(tmp_path, [path], block_size=block_size, num_proc=num_proc)
+        data = prepare_blocks(cfg)
+        assert data.meta["split_by"] == split_by and data.meta["num_proc"] == num_proc
+        built[num_proc] = _cache_files(data.cache_path)
+        shutil.rmtree(data.cache_path)  # the next one builds again
+    assert built[1]["meta"]["splits"]["validation"]["blocks"] > 0
+    assert built[2] == built[1] and built[3] == built[1]
+
+
+def test_cache_made_with_one_process_is_reused_with_two(tmp_path, corpus_file, monkeypatch):
+    first = prepare_blocks(make_cfg(tmp_path, [corpus_file], num_proc=1))
+    monkeypatch.setattr(blocks_mod, "tokenize_documents", lambda *a, **k: pytest.fail("re-tokenized"))
+    again = prepare_blocks(make_cfg(tmp_path, [corpus_file], num_proc=2))
+    assert again.cache_path == first.cache_path and again.meta["num_proc"] == 1
+
+
+def test_preparation_shows_progress_once(tmp_path, corpus_file, capsys):
+    """Not a terminal (captured): a final line per step with its rate; a cached call prints nothing."""
+    cfg = make_cfg(tmp_path, [corpus_file], num_proc=2)
+    prepare_blocks(cfg)  # trains the tokenizer (on the Rust thread pool), then forks the tokenizing workers
+    out, err = capsys.readouterr()
+    assert "forked" not in out + err, "tokenizers warns when it forks after using its thread pool unconfigured"
+    tokenizing = [line for line in err.splitlines() if line.startswith("tokenizing+packing: 100% 120/120 docs")]
+    assert len(tokenizing) == 1 and re.search(r"\d+ tok, [\d.]+k? tok/s, elapsed .*, ETA", tokenizing[0]), err
+    assert re.search(r"tokenizer: counting words: 100% 120/120 docs, \d+ char, [\d.]+[kM]? char/s", err), err
+    prepare_blocks(cfg)
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_lines_are_rate_limited_off_a_terminal(monkeypatch):
+    import io
+
+    from pretrain.data import progress as progress_mod
+
+    now = [0.0]
+    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: now[0])
+    stream = io.StringIO()
+    with progress_mod.Progress("work", total=100, stream=stream) as progress:
+        for _ in range(100):
+            now[0] += 3.0  # an update every 3 s
+            progress.update(1, tokens=50)
+    lines = stream.getvalue().splitlines()
+    # 100 updates over 300 s: a line every 4th update (>= 10 s apart) and the final one, not one per update
+    assert len(lines) == 26 and lines[-1] == "work: 100% 100/100 docs, 5000 tok, 16.7 tok/s, elapsed 05:00, ETA 00:00"
+    assert lines[0] == "work:   4% 4/100 docs, 200 tok, 16.7 tok/s, elapsed 00:12, ETA 04:48"
+
+
+def test_npy_appender_and_truncate(tmp_path):
+    from pretrain.data.npy import NpyAppender, truncate_npy
+
+    path, rows = tmp_path / "a.npy", np.arange(40, dtype=np.uint16).reshape(8, 5)
+    with NpyAppender(path, np.uint16, 5) as out:
+        out.append(rows[:3])
+        out.append(rows[3:].astype(np.int64))  # cast to the file's dtype
+        with pytest.raises(ValueError, match=r"expected \[n, 5\]"):
+            out.append(rows[:, :4])
+    loaded = np.load(path, mmap_mode="r")
+    assert loaded.dtype == np.uint16 and np.array_equal(loaded, rows)
+    del loaded
+    truncate_npy(path, 2)
+    assert np.array_equal(np.load(path), rows[:2])
+    assert path.stat().st_size == np.load(path).nbytes + 128  # header, then exactly the kept rows
+    with NpyAppender(tmp_path / "empty.npy", np.int16, 7):
+        pass
+    assert np.load(tmp_path / "empty.npy").shape == (0, 7)
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar():
+    import io
+
+    from pretrain.data.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    with Progress("work", total=10, stream=stream) as progress:
+        for _ in range(10):
+            progress.update(1, tokens=1000)
+    out = stream.getvalue()
+    assert out.startswith("\rwork:   0%|") and re.search(r"\rwork: 100%\|#+\| 10/10 docs \[00:00<00:00, [\d.]+[kMG]? tok/s\]\n$", out), out

@@ -1,4 +1,4 @@
-"""Tokenization with word ids and packing into fixed-length blocks, cached on disk.
+"""Packing of tokenized documents into fixed-length blocks, cached on disk.
 
 Each split's documents form one token stream ``doc1 [SEP] doc2 [SEP] ...`` that is cut into blocks of
 ``data.block_size`` tokens ``[CLS] t_1 ... t_{L-2} [SEP]`` (no padding; the last partial block is dropped). Beside the
@@ -7,9 +7,13 @@ cut by the block start gets a new id) and -1 for [CLS]/[SEP]. Whole-word masking
 The splits are drawn by document (seeded); a corpus of too few documents for that to give both splits a block (e.g.
 one long document) is split by blocks instead: the last ``validation_fraction`` of its blocks are the validation split.
 
+Tokenization runs in ``data.num_proc`` processes (``tokenize.py``) and streams batches in corpus order into one
+sequential packer that appends blocks to the .npy files as they are cut, so the blocks, the split and the counts are
+byte-identical for any ``num_proc``, and memory is bounded by the batches in flight, not by the corpus.
+
 The blocks live in ``{cache_dir}/blocks/{key}/`` as .npy files (ids uint16 when the vocabulary fits, else uint32;
 word ids int16), with ``meta.json`` and the train-split unigram counts; ``key`` hashes the corpus fingerprint, the
-tokenizer, the block size, the validation fraction and the seed. A later call with the same settings memory-maps
+tokenizer, the block size, the validation fraction and the seed (not ``num_proc``). A later call with the same settings memory-maps
 the files without reading the corpus or tokenizing.
 """
 
@@ -28,18 +32,18 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from datasets import Dataset, Features, List, Value
+from datasets import Dataset
 
 from .corpus import corpus_fingerprint, expand_cache_dir, load_corpus
+from .npy import NpyAppender, truncate_npy
+from .progress import Progress
+from .tokenize import tokenize_documents
 from .tokenizer import get_tokenizer, tokenizer_hash
 
 logger = logging.getLogger(__name__)
 
 #: bump when the block layout changes
 BLOCKS_FORMAT_VERSION = 1
-SPLITS = ("train", "validation")
-#: documents per tokenizer call inside datasets.map
-TOKENIZE_BATCH_DOCS = 1000
 
 
 class CorpusTooSmallError(ValueError):
@@ -130,40 +134,10 @@ def prepare_blocks(cfg) -> PreparedData:
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     out = expand_cache_dir(data_cfg) / "blocks" / key
     if not (out / "meta.json").exists():
-        _build(get_corpus(), tokenizer, settings, out)
+        _build(get_corpus(), tokenizer, settings, out, data_cfg.processes())
     else:
         logger.info("blocks: reusing %s", out)
     return _load(out, tokenizer)
-
-
-def tokenize_documents(docs: Dataset, tokenizer, cache_file: Path) -> Dataset:
-    """``text`` -> ``input_ids`` and document-local ``word_ids`` (int32 lists; no special tokens added)."""
-
-    def encode(batch: dict) -> dict:
-        enc = tokenizer(
-            batch["text"],
-            add_special_tokens=False,
-            truncation=False,
-            split_special_tokens=True,  # a literal "[SEP]" or "[MASK]" in the text is text, not a special token
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            verbose=False,
-        )
-        words = [[-1 if w is None else w for w in e.word_ids] for e in enc.encodings]
-        return {"input_ids": enc["input_ids"], "word_ids": words}
-
-    return docs.map(
-        encode,
-        batched=True,
-        batch_size=TOKENIZE_BATCH_DOCS,
-        num_proc=1,
-        remove_columns=docs.column_names,
-        features=Features({"input_ids": List(Value("int32")), "word_ids": List(Value("int32"))}),
-        cache_file_name=str(cache_file),
-        load_from_cache_file=False,
-        new_fingerprint=cache_file.stem + uuid.uuid4().hex[:8],
-        desc="tokenizing",
-    )
 
 
 def split_documents(n_docs: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -226,107 +200,84 @@ def _frame(ids: np.ndarray, doc_words: np.ndarray, cls_id: int, sep_id: int) -> 
 # --------------------------------------------------------------------------- build / load
 
 
-def _token_batches(tokenized: Dataset) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(flat ids, flat word ids, tokens per document) per Arrow batch of a tokenized split."""
-    import pyarrow.compute as pc
+@dataclass
+class _Split:
+    """What a split's files hold: ``blocks`` blocks cut from ``documents`` documents whose stream (tokens plus one
+    [SEP] per non-empty document) has ``stream_tokens`` tokens."""
 
-    for batch in tokenized.with_format("arrow").iter(batch_size=10_000):
-        ids_col, words_col = batch["input_ids"].combine_chunks(), batch["word_ids"].combine_chunks()
-        lengths = pc.list_value_length(ids_col).to_numpy(zero_copy_only=False).astype(np.int64)
-        yield (
-            ids_col.flatten().to_numpy(zero_copy_only=False),
-            words_col.flatten().to_numpy(zero_copy_only=False),
-            lengths,
-        )
-
-
-def _count_tokens(tokenized: Dataset) -> tuple[int, int]:
-    """(stream length incl. one [SEP] per non-empty document, non-empty documents)."""
-    total, n_docs = 0, 0
-    for _, _, lengths in _token_batches(tokenized):
-        nonzero = lengths[lengths > 0]
-        total += int(nonzero.sum()) + len(nonzero)
-        n_docs += len(nonzero)
-    return total, n_docs
+    documents: int
+    stream_tokens: int
+    blocks: int
 
 
 @dataclass
-class _Split:
-    """Where a split's blocks come from: rows ``[first, first + blocks)`` of the packed stream of ``tokenized``."""
+class _Packer:
+    """Tokenizes and packs documents into a split's two .npy files, counting its tokens into ``unigram``."""
 
-    tokenized: Dataset | None
-    first: int
-    blocks: int
-    documents: int
-    stream_tokens: int
+    tokenizer: object
+    block_size: int
+    ids_dtype: type
+    num_proc: int
+    tmp: Path
+
+    def __call__(self, docs: Dataset, name: str, progress: Progress, unigram: np.ndarray | None = None) -> _Split:
+        stream = 0
+
+        def batches():
+            nonlocal stream
+            for ids, words, lengths in tokenize_documents(docs, self.tokenizer, self.num_proc):
+                stream += int(lengths.sum()) + int((lengths > 0).sum())
+                progress.update(len(lengths), len(ids))
+                yield ids, words, lengths
+
+        tok = self.tokenizer
+        with NpyAppender(self.tmp / f"{name}_input_ids.npy", self.ids_dtype, self.block_size) as ids_out, \
+                NpyAppender(self.tmp / f"{name}_word_ids.npy", np.int16, self.block_size) as words_out:
+            for ids, words in pack_blocks(batches(), self.block_size, tok.cls_token_id, tok.sep_token_id):
+                ids_out.append(ids)
+                words_out.append(words)
+                if unigram is not None:
+                    unigram += np.bincount(ids.ravel(), minlength=len(unigram))[:len(unigram)]
+        return _Split(len(docs), stream, ids_out.rows)
 
 
-def _document_splits(corpus: Dataset, tokenizer, settings: dict, tmp: Path) -> dict[str, _Split]:
-    """The seeded split by document: each split is the whole stream of its own documents."""
-    inner = settings["block_size"] - 2
+def _split_by_documents(corpus: Dataset, settings: dict, pack: _Packer, unigram: np.ndarray) -> dict | None:
+    """The seeded split by document: each split is the whole stream of its own documents. None when the
+    validation fraction is > 0 but a split gets no block (the validation split is packed first: it is small)."""
+    train_idx, val_idx = split_documents(len(corpus), settings["validation_fraction"], settings["seed"])
     splits = {}
-    for split, idx in zip(SPLITS, split_documents(len(corpus), settings["validation_fraction"], settings["seed"])):
-        tokenized = tokenize_documents(corpus.select(idx), tokenizer, tmp / f"tokens-{split}.arrow") if len(idx) else None
-        stream = _count_tokens(tokenized)[0] if tokenized is not None else 0
-        splits[split] = _Split(tokenized, 0, stream // inner, len(idx), stream)
-    return splits
+    with Progress("tokenizing+packing", len(corpus)) as progress:
+        for name, idx in (("validation", val_idx), ("train", train_idx)):
+            splits[name] = pack(corpus.select(idx), name, progress, unigram if name == "train" else None)
+            if settings["validation_fraction"] > 0 and splits[name].blocks == 0:
+                logger.warning("%d documents: the %s split by document (%d documents) gives no block of %d tokens; "
+                               "splitting the token stream by blocks instead", len(corpus), name,
+                               splits[name].documents, settings["block_size"])
+                return None
+    return {"train": splits["train"], "validation": splits["validation"]}
 
 
-def _block_splits(corpus: Dataset, tokenizer, settings: dict, tmp: Path) -> dict[str, _Split]:
+def _split_by_blocks(corpus: Dataset, settings: dict, pack: _Packer, unigram: np.ndarray) -> dict:
     """The split by blocks, for corpora of too few documents to split by document: the last
     ``validation_fraction`` of the blocks of the whole stream (at least one) is the validation split."""
-    tokenized = tokenize_documents(corpus, tokenizer, tmp / "tokens-all.arrow")
-    stream = _count_tokens(tokenized)[0]
-    total = stream // (settings["block_size"] - 2)
-    n_val = min(max(1, round(settings["validation_fraction"] * total)), total)
-    return {"train": _Split(tokenized, 0, total - n_val, len(corpus), stream),
-            "validation": _Split(tokenized, total - n_val, n_val, len(corpus), stream)}
+    unigram[:] = 0
+    with Progress("tokenizing+packing (split by blocks)", len(corpus)) as progress:
+        whole = pack(corpus, "train", progress, unigram)
+    n_val = min(max(1, round(settings["validation_fraction"] * whole.blocks)), whole.blocks)
+    keep = whole.blocks - n_val
+    for column in ("input_ids", "word_ids"):
+        src = pack.tmp / f"train_{column}.npy"
+        tail = np.load(src, mmap_mode="r")[keep:]
+        np.save(pack.tmp / f"validation_{column}.npy", tail)
+        if column == "input_ids":
+            unigram -= np.bincount(np.asarray(tail).ravel(), minlength=len(unigram))[:len(unigram)]
+        del tail  # the memory map, before the file is truncated under it
+        truncate_npy(src, keep)
+    return {"train": _Split(len(corpus), whole.stream_tokens, keep),
+            "validation": _Split(len(corpus), whole.stream_tokens, n_val)}
 
 
-def _plan_splits(corpus: Dataset, tokenizer, settings: dict, tmp: Path) -> tuple[dict[str, _Split], str]:
-    """Split by document, or by blocks when that leaves a split without a block; ``(splits, "documents" or
-    "blocks")``. Raises :class:`CorpusTooSmallError` when the training split still has no block."""
-    splits, split_by = _document_splits(corpus, tokenizer, settings, tmp), "documents"
-    if settings["validation_fraction"] > 0 and not all(s.blocks for s in splits.values()):
-        logger.warning("%d documents give the train/validation split by document %d/%d blocks: splitting the "
-                       "token stream by blocks instead", len(corpus), splits["train"].blocks,
-                       splits["validation"].blocks)
-        splits, split_by = _block_splits(corpus, tokenizer, settings, tmp), "blocks"
-    train, block_size = splits["train"], settings["block_size"]
-    if train.blocks == 0:
-        need = "two blocks (one to train on, one to validate)" if split_by == "blocks" else "one block"
-        raise CorpusTooSmallError(
-            f"corpus too small for block_size {block_size}: got {train.stream_tokens} tokens in the training split "
-            f"({train.documents} documents) but a block holds {block_size - 2} and training needs {need}; add text "
-            "or lower data.block_size"
-        )
-    return splits, split_by
-
-
-def _write_split(split: _Split, block_size: int, tokenizer, ids_dtype, tmp: Path, name: str,
-                 unigram: np.ndarray | None) -> None:
-    """Pack ``split`` into ``{name}_input_ids.npy`` / ``{name}_word_ids.npy``; count its tokens into ``unigram``."""
-    ids_out = np.lib.format.open_memmap(tmp / f"{name}_input_ids.npy", "w+", ids_dtype, (split.blocks, block_size))
-    words_out = np.lib.format.open_memmap(tmp / f"{name}_word_ids.npy", "w+", np.int16, (split.blocks, block_size))
-    row, stop = 0, split.first + split.blocks  # rows of the packed stream
-    if split.blocks:
-        for ids, words in pack_blocks(_token_batches(split.tokenized), block_size, tokenizer.cls_token_id,
-                                      tokenizer.sep_token_id):
-            lo, hi = max(split.first, row), min(stop, row + len(ids))
-            if lo < hi:
-                ids_out[lo - split.first : hi - split.first] = ids[lo - row : hi - row]
-                words_out[lo - split.first : hi - split.first] = words[lo - row : hi - row]
-                if unigram is not None:
-                    unigram += np.bincount(ids[lo - row : hi - row].ravel(), minlength=len(unigram))[:len(unigram)]
-            row += len(ids)
-            if row >= stop:
-                break
-        assert row >= stop, (row, stop)
-    ids_out.flush()
-    words_out.flush()
-
-
-def _build(corpus: Dataset, tokenizer, settings: dict, out: Path) -> None:
+def _build(corpus: Dataset, tokenizer, settings: dict, out: Path, num_proc: int) -> None:
     start = time.perf_counter()
     block_size = settings["block_size"]
     vocab_size = len(tokenizer)
@@ -335,25 +286,26 @@ def _build(corpus: Dataset, tokenizer, settings: dict, out: Path) -> None:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        splits, split_by = _plan_splits(corpus, tokenizer, settings, tmp)
-        meta = {**settings, "vocab_size": vocab_size, "ids_dtype": np.dtype(ids_dtype).name, "split_by": split_by,
-                "splits": {}}
+        pack = _Packer(tokenizer, block_size, ids_dtype, num_proc, tmp)
         unigram = np.zeros(vocab_size, np.int64)
-        for name, split in splits.items():
-            _write_split(split, block_size, tokenizer, ids_dtype, tmp, name, unigram if name == "train" else None)
-            meta["splits"][name] = {
-                "documents": int(split.documents),
-                "stream_tokens": int(split.stream_tokens),
-                "blocks": int(split.blocks),
-                "tokens": int(split.blocks * block_size),
-            }
-        del splits  # the memory-mapped Arrow files, before they are removed
+        splits, split_by = _split_by_documents(corpus, settings, pack, unigram), "documents"
+        if splits is None:
+            splits, split_by = _split_by_blocks(corpus, settings, pack, unigram), "blocks"
+        train = splits["train"]
+        if train.blocks == 0:
+            need = "two blocks (one to train on, one to validate)" if split_by == "blocks" else "one block"
+            raise CorpusTooSmallError(
+                f"corpus too small for block_size {block_size}: got {train.stream_tokens} tokens in the training "
+                f"split ({train.documents} documents) but a block holds {block_size - 2} and training needs {need}; "
+                "add text or lower data.block_size"
+            )
+        meta = {**settings, "vocab_size": vocab_size, "ids_dtype": np.dtype(ids_dtype).name, "split_by": split_by,
+                "splits": {name: {"documents": split.documents, "stream_tokens": split.stream_tokens,
+                                  "blocks": split.blocks, "tokens": split.blocks * block_size}
+                           for name, split in splits.items()}}
         np.save(tmp / "unigram_counts.npy", unigram)
-        for f in tmp.glob("tokens-*"):
-            f.unlink()  # the intermediate Arrow files of datasets.map
-        for f in tmp.glob("cache-*"):
-            f.unlink()
         meta["seconds"] = round(time.perf_counter() - start, 2)
+        meta["num_proc"] = num_proc  # how it was built (not part of the key: any value gives the same blocks)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
             os.replace(tmp, out)
@@ -361,9 +313,9 @@ def _build(corpus: Dataset, tokenizer, settings: dict, out: Path) -> None:
             if not (out / "meta.json").exists():
                 raise  # not a concurrent writer that finished first
         logger.info(
-            "blocks: %d train / %d validation blocks of %d tokens (split by %s) in %.1fs -> %s",
+            "blocks: %d train / %d validation blocks of %d tokens (split by %s) in %.1fs on %d processes -> %s",
             meta["splits"]["train"]["blocks"], meta["splits"]["validation"]["blocks"], block_size, split_by,
-            meta["seconds"], out,
+            meta["seconds"], num_proc, out,
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

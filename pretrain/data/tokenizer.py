@@ -24,6 +24,7 @@ import numpy as np
 from datasets import Dataset
 
 from .corpus import corpus_fingerprint, expand_cache_dir, load_corpus
+from .progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def train_wordpiece(corpus: Dataset, vocab_size: int, lowercase: bool = True, mi
         continuing_subword_prefix="##",
         show_progress=False,
     )
-    backend.train_from_iterator(_text_batches(sample), trainer=trainer, length=len(sample))
+    backend.train_from_iterator(_counted_batches(sample), trainer=trainer, length=len(sample))
     # a fresh pipeline whose only added (special) tokens are the five BERT ones; the vocabulary is renumbered
     # canonically (WordPiece's greedy longest match does not depend on ids)
     learned = sorted(set(backend.get_vocab(with_added_tokens=True)) - set(SPECIAL_TOKENS))
@@ -215,6 +216,15 @@ _CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700,
 def _text_batches(corpus: Dataset) -> Iterator[list[str]]:
     for batch in corpus.iter(batch_size=TRAIN_BATCH_DOCS):
         yield batch["text"]
+
+
+def _counted_batches(corpus: Dataset) -> Iterator[list[str]]:
+    """``_text_batches`` with a progress display of the documents and characters the trainer has read (the word
+    counting that reading drives is most of the training time; the merges that follow take a few seconds)."""
+    with Progress("tokenizer: counting words", len(corpus), counted="char") as progress:
+        for texts in _text_batches(corpus):
+            yield texts
+            progress.update(len(texts), sum(map(len, texts)))
 
 
 def _save_atomically(tokenizer, out: Path, info: dict) -> None:
