@@ -35,6 +35,7 @@ import torch
 from datasets import Dataset
 
 from .corpus import corpus_fingerprint, expand_cache_dir, load_corpus
+from .lock import build_lock
 from .npy import NpyAppender, truncate_npy
 from .progress import Progress
 from .tokenize import tokenize_documents
@@ -133,10 +134,13 @@ def prepare_blocks(cfg) -> PreparedData:
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     out = expand_cache_dir(data_cfg) / "blocks" / key
-    if not (out / "meta.json").exists():
-        _build(get_corpus(), tokenizer, settings, out, data_cfg.processes())
-    else:
-        logger.info("blocks: reusing %s", out)
+    with build_lock(out, "blocks"):  # once per cache, whichever processes or machines share it
+        if not (out / "meta.json").exists():
+            for leftover in out.parent.glob(f".{out.name}.tmp-*"):  # of a killed builder (the lock is ours)
+                shutil.rmtree(leftover, ignore_errors=True)
+            _build(get_corpus(), tokenizer, settings, out, data_cfg.processes())
+        else:
+            logger.info("blocks: reusing %s", out)
     return _load(out, tokenizer)
 
 

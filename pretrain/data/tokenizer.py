@@ -24,6 +24,7 @@ import numpy as np
 from datasets import Dataset
 
 from .corpus import corpus_fingerprint, expand_cache_dir, load_corpus
+from .lock import build_lock
 from .progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -49,18 +50,19 @@ def get_tokenizer(tok_cfg, data_cfg, corpus: Dataset | Callable[[], Dataset] | N
         return load_pretrained_tokenizer(tok_cfg.path)
     key = tokenizer_cache_key(tok_cfg, data_cfg)
     out = expand_cache_dir(data_cfg) / "tokenizers" / key
-    if (out / "tokenizer.json").exists():
-        logger.info("tokenizer: reusing %s", out)
-        return load_pretrained_tokenizer(out)
-
-    if corpus is None:
-        corpus = load_corpus(data_cfg)
-    elif callable(corpus) and not isinstance(corpus, Dataset):
-        corpus = corpus()
-    start = time.perf_counter()
-    tokenizer = train_wordpiece(corpus, tok_cfg.vocab_size, tok_cfg.lowercase, tok_cfg.min_frequency)
-    logger.info("tokenizer: trained a %d-token WordPiece vocab in %.1fs", len(tokenizer), time.perf_counter() - start)
-    _save_atomically(tokenizer, out, {"corpus_fingerprint": corpus_fingerprint(data_cfg), **_settings(tok_cfg)})
+    with build_lock(out, "tokenizer"):  # trained once per cache, whichever processes or machines share it
+        if (out / "tokenizer.json").exists():
+            logger.info("tokenizer: reusing %s", out)
+            return load_pretrained_tokenizer(out)
+        if corpus is None:
+            corpus = load_corpus(data_cfg)
+        elif callable(corpus) and not isinstance(corpus, Dataset):
+            corpus = corpus()
+        start = time.perf_counter()
+        tokenizer = train_wordpiece(corpus, tok_cfg.vocab_size, tok_cfg.lowercase, tok_cfg.min_frequency)
+        logger.info("tokenizer: trained a %d-token WordPiece vocab in %.1fs", len(tokenizer),
+                    time.perf_counter() - start)
+        _save_atomically(tokenizer, out, {"corpus_fingerprint": corpus_fingerprint(data_cfg), **_settings(tok_cfg)})
     return load_pretrained_tokenizer(out)
 
 
