@@ -251,6 +251,18 @@ def supersense_split(examples: Sequence[dict], n_train: int, n_test: int, seed: 
     return [unique[i] for i in order[:n_train]], [unique[i] for i in order[n_train:n_train + n_test]]
 
 
+def read_labelled(path: str | os.PathLike) -> list[dict]:
+    """A JSONL file of ``{"text": ..., "label": ...}`` lines (blank lines skipped): a probe task of one's own."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L, H] -> [B, H]: the mean over each text's tokens ([CLS] and [SEP] included)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
 @torch.no_grad()
 def encode_texts(encoder, tokenizer, texts: Sequence[str], pooling: str = "mean", batch_size: int = 256,
                  max_length: int = 64) -> np.ndarray:
@@ -267,11 +279,7 @@ def encode_texts(encoder, tokenizer, texts: Sequence[str], pooling: str = "mean"
         enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt", return_token_type_ids=False)
         hidden = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state.float()
-        if pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            mask = enc["attention_mask"].unsqueeze(-1).float()
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        pooled = hidden[:, 0] if pooling == "cls" else mean_pool(hidden, enc["attention_mask"])
         features[idx] = pooled.numpy()
     return features
 
@@ -497,8 +505,7 @@ def main(argv=None) -> int:
     transformers.logging.disable_progress_bar()
     probe_examples = None
     if args.probe_data:
-        with open(args.probe_data, encoding="utf-8") as f:
-            probe_examples = [json.loads(line) for line in f if line.strip()]
+        probe_examples = read_labelled(args.probe_data)
     try:
         options = EvalOptions(tasks=tuple(args.tasks), seed=args.seed, batch_size=args.batch_size,
                               probe_train=args.probe_train, probe_test=args.probe_test,

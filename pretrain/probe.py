@@ -11,14 +11,14 @@ without its head), as an ``Objective.clean_batch``: every token is itself and no
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .evaluation import linear_probe, supersense_split
+from .data.stream import to_device
+from .evaluation import linear_probe, mean_pool, read_labelled, supersense_split
 
 #: the probe split's seed (fixed: every run, layer and evaluation is scored on the same texts)
 PROBE_SEED = 4321
@@ -36,8 +36,7 @@ def load_examples(data: str, cache_dir: str) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"train.probe.data: {data} is neither 'supersense' nor a JSONL file; point it at "
                                 "a file of {\"text\": ..., \"label\": ...} lines or set it to null")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_labelled(path)
 
 
 @dataclass
@@ -74,14 +73,8 @@ def build_probe(cfg, objective, tokenizer, device) -> ProbeSet | None:
     batches = []
     for start in range(0, len(order), PROBE_BATCH):
         batch = objective.clean_batch([torch.tensor(ids[i]) for i in order[start:start + PROBE_BATCH]])
-        batches.append({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+        batches.append(to_device(batch, device))
     return ProbeSet(batches, order, np.array([e["label"] for e in examples]), len(train), probe_cfg.max_iter)
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, L, H] -> [B, H]: the mean over each text's tokens ([CLS] and [SEP] included)."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 @torch.no_grad()
