@@ -1,6 +1,6 @@
 """Plots of one or more runs' ``metrics.jsonl``: loss parts (train solid, eval dashed with markers), each
-objective's weighted total loss on its own panel, LR, tok/s and the other eval metrics against the step or the number of training tokens, runs overlaid (legend = run name), one
-subplot per quantity. matplotlib with the Agg backend: works headless.
+objective's weighted total loss on its own panel, LR, tok/s and the other eval metrics against the step or the
+number of training tokens, runs overlaid (legend = run name), one subplot per quantity. matplotlib with the Agg backend: works headless.
 
 A resumed run re-logs the steps it redoes after its last checkpoint: the last record per (split, step) wins, which
 is the curve of the run that continued.
@@ -96,6 +96,10 @@ def panels(runs: list[dict[str, list[dict]]]) -> list[tuple[str, list[tuple[str,
     train_keys = set().union(*(_numeric_keys(run.get("train", [])) for run in runs))
     eval_keys = set().union(*(_numeric_keys(run.get("eval", [])) for run in runs))
     everyone = list(range(len(runs)))
+
+    def series(key: str) -> list[tuple[str, str]]:
+        return [(split, key) for split, keys in (("train", train_keys), ("eval", eval_keys)) if key in keys]
+
     result = []
     totals: dict[str, list[int]] = {}
     for i, run in enumerate(runs):
@@ -104,11 +108,9 @@ def panels(runs: list[dict[str, list[dict]]]) -> list[tuple[str, list[tuple[str,
         if "loss" in keys and len(parts) > 1:  # the weighted total, when it is not the one part
             totals.setdefault(objective_name(run) or "+".join(parts), []).append(i)
     for objective, members in totals.items():
-        result.append((f"loss ({objective})", [(s, "loss") for s, keys in (("train", train_keys), ("eval", eval_keys))
-                                               if "loss" in keys], members))
+        result.append((f"loss ({objective})", series("loss"), members))
     losses = sorted(k for k in train_keys | eval_keys if k.endswith("_loss"))
-    result += [(k, [(s, k) for s, keys in (("train", train_keys), ("eval", eval_keys)) if k in keys], everyone)
-               for k in losses]
+    result += [(k, series(k), everyone) for k in losses]
     for key, title in (("lr", "learning rate"), ("tok_per_s", "tokens / s")):
         if key in train_keys:
             result.append((title, [("train", key)], everyone))
