@@ -16,7 +16,8 @@ record). Reported per shape, averaged over seeds:
 * G at equal wall time: the same with every curve interpolated at the wall times of the 2-thread backprop arm's
   evaluations (an arm not yet started at t has no value);
 * the wall time at which an arm first reaches backprop's final held-out loss (linear interpolation between
-  evaluations; null if it never does), and the per-chunk auxiliary-head losses of the decoupled arms.
+  evaluations; null if it never does), the per-chunk auxiliary-head losses of the decoupled arms, and the layer
+  probes' accuracies (``probe_acc_layer{n}``) where ``train.probe`` is on.
 
 Writes ``benchmarks/quality-<date>.json`` and a PNG beside it (loss vs tokens and vs wall clock, one row per shape).
 Runs are resumable: an arm whose output directory already holds its final evaluation is read, not re-run.
@@ -100,7 +101,7 @@ def curve(run: Path) -> dict[str, list]:
     start = next(r["time"] for r in recs if r["split"] == "run" and r.get("event") == "start")
     train = {r["step"]: r for r in recs if r["split"] == "train"}
     evals = [r for r in recs if r["split"] == "eval" and r["step"] in train]
-    out = {"step": [], "tokens": [], "wall_s": [], "loss": [], "acc": [], "chunks": []}
+    out = {"step": [], "tokens": [], "wall_s": [], "loss": [], "acc": [], "chunks": [], "probes": []}
     spent_evaluating = 0.0
     for r in evals:
         t = train[r["step"]]
@@ -110,6 +111,7 @@ def curve(run: Path) -> dict[str, list]:
         out["loss"].append(r["mlm_loss"])
         out["acc"].append(r["mlm_acc"])
         out["chunks"].append({k: v for k, v in r.items() if k.startswith("chunk") and k.endswith("_mlm_loss")})
+        out["probes"].append({k: v for k, v in r.items() if k.startswith("probe_acc_layer")})
         spent_evaluating += r["time"] - t["time"]
     return out
 
@@ -120,8 +122,9 @@ def mean_curve(curves: list[dict]) -> dict[str, list]:
     result = {"step": steps}
     for key in ("tokens", "wall_s", "loss", "acc"):
         result[key] = [float(np.mean([c[key][c["step"].index(s)] for c in curves])) for s in steps]
-    result["chunks"] = [{k: float(np.mean([c["chunks"][c["step"].index(s)][k] for c in curves]))
-                         for k in curves[0]["chunks"][curves[0]["step"].index(s)]} for s in steps]
+    for key in ("chunks", "probes"):
+        result[key] = [{k: float(np.mean([c[key][c["step"].index(s)][k] for c in curves]))
+                        for k in curves[0][key][curves[0]["step"].index(s)]} for s in steps]
     return result
 
 
@@ -153,7 +156,7 @@ def summarise(curves: dict[str, dict]) -> dict[str, dict]:
     result = {}
     for arm, c in curves.items():
         row = {"final_loss": c["loss"][-1], "final_acc": c["acc"][-1], "wall_s": c["wall_s"][-1],
-               "final_chunk_losses": c["chunks"][-1]}
+               "final_chunk_losses": c["chunks"][-1], "final_probes": c["probes"][-1]}
         if bp and frozen:
             shared = [s for s in c["step"] if s in bp["step"] and s in frozen["step"]]
 
