@@ -137,3 +137,25 @@ def test_quality_curves_charge_no_evaluation_time_to_training(tmp_path):
     assert c["wall_s"] == [10.0, 20.0] and c["chunks"] == [{}, {"chunk0_mlm_loss": 6.5}]
     assert time_to_reach(c, 5.5) == pytest.approx(15.0) and time_to_reach(c, 4.0) is None
     assert gap_closed([5.0, 6.0], [6.0, 6.0], [4.0, 6.0]) == [0.5, None]
+
+
+def test_quality_curve_of_a_resumed_arm_continues_its_wall_clock(tmp_path):
+    """Killed after step 4 was logged but before its checkpoint; resumed from step 2's checkpoint: step 4 is the
+    resumed process's, and the wall clock goes on from step 2's (the time between the two processes is not counted)."""
+    from pretrain.bench.quality import curve
+
+    lines = [{"split": "run", "event": "start", "step": 0, "time": 100.0},
+             {"split": "train", "step": 2, "tokens": 8, "time": 110.0},
+             {"split": "eval", "step": 2, "mlm_loss": 6.0, "mlm_acc": 0.1, "time": 115.0},
+             {"split": "train", "step": 4, "tokens": 16, "time": 125.0},
+             {"split": "eval", "step": 4, "mlm_loss": 9.9, "mlm_acc": 0.0, "time": 126.0},
+             {"split": "run", "event": "resume", "step": 2, "time": 500.0},
+             {"split": "train", "step": 4, "tokens": 16, "time": 512.0},
+             {"split": "eval", "step": 4, "mlm_loss": 5.0, "mlm_acc": 0.2, "probe_acc_layer2": 0.4, "time": 514.0},
+             {"split": "train", "step": 6, "tokens": 24, "time": 520.0},
+             {"split": "eval", "step": 6, "mlm_loss": 4.5, "mlm_acc": 0.3, "time": 521.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    c = curve(tmp_path)
+    assert c["step"] == [2, 4, 6] and c["loss"] == [6.0, 5.0, 4.5]
+    assert c["wall_s"] == [10.0, 22.0, 28.0]  # 10 + 12; then 10 + 20 - 2 s of evaluation
+    assert c["probes"] == [{}, {"probe_acc_layer2": 0.4}, {}]

@@ -20,7 +20,9 @@ record). Reported per shape, averaged over seeds:
   probes' accuracies (``probe_acc_layer{n}``) where ``train.probe`` is on.
 
 Writes ``benchmarks/quality-<date>.json`` and a PNG beside it (loss vs tokens and vs wall clock, one row per shape).
-Runs are resumable: an arm whose output directory already holds its final evaluation is read, not re-run.
+Runs are resumable: an arm whose output directory already holds its final evaluation is read, not re-run, and an
+interrupted arm resumes from its checkpoint at its last evaluation (its output goes to ``<arm>-seed<s>.log`` beside
+it, so it also outlives a killed benchmark process).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def run_arm(args, shape: str, arm: str, seed: int) -> Path:
     overrides = [f"output_dir={out}", f"train.seed={seed}", f"train.max_steps={args.steps}",
                  f"train.eval_every={args.eval_every}", f"train.log_every={args.eval_every}",
                  f"train.eval_batches={args.eval_batches}", f"train.micro_batch_size={args.batch}",
-                 "train.grad_accum=1", f"train.save_every={args.steps}", "log.tensorboard=false",
+                 "train.grad_accum=1", f"train.save_every={args.eval_every}", "log.tensorboard=false",
                  *SHAPES[shape], *(o.format(switch=max(1, round(args.switch_at * args.steps)), half=args.batch // 2,
                                             eval2=2 * args.eval_batches) for o in overrides), *args.override]
     script = [str(ROOT / "scripts" / "pretrain.py"), str(args.config), *overrides]
@@ -80,9 +82,12 @@ def run_arm(args, shape: str, arm: str, seed: int) -> Path:
     else:
         cmd = [sys.executable, *script]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    log = out.parent / f"{out.name}.log"  # a file, not a pipe: the arm outlives a killed benchmark process
+    with open(log, "a") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"{shape} {arm} seed {seed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{shape} {arm} seed {seed} failed (exit {proc.returncode}); its output ends:\n"
+                           f"{log.read_text()[-4000:]}")
     return out
 
 
@@ -96,24 +101,32 @@ def final_eval(run: Path, steps: int) -> dict | None:
 
 
 def curve(run: Path) -> dict[str, list]:
-    """The run's evaluations: step, tokens, training wall seconds, held-out loss/accuracy and per-chunk losses."""
-    recs = records(run)
-    start = next(r["time"] for r in recs if r["split"] == "run" and r.get("event") == "start")
-    train = {r["step"]: r for r in recs if r["split"] == "train"}
-    evals = [r for r in recs if r["split"] == "eval" and r["step"] in train]
-    out = {"step": [], "tokens": [], "wall_s": [], "loss": [], "acc": [], "chunks": [], "probes": []}
-    spent_evaluating = 0.0
-    for r in evals:
-        t = train[r["step"]]
-        out["step"].append(r["step"])
-        out["tokens"].append(t["tokens"])
-        out["wall_s"].append(t["time"] - start - spent_evaluating)
-        out["loss"].append(r["mlm_loss"])
-        out["acc"].append(r["mlm_acc"])
-        out["chunks"].append({k: v for k, v in r.items() if k.startswith("chunk") and k.endswith("_mlm_loss")})
-        out["probes"].append({k: v for k, v in r.items() if k.startswith("probe_acc_layer")})
-        spent_evaluating += r["time"] - t["time"]
-    return out
+    """The run's evaluations: step, tokens, training wall seconds, held-out loss/accuracy, per-chunk losses and
+    probes. A run resumed from its checkpoint at step s (a ``resume`` record) continues the wall clock of step s;
+    what the interrupted process logged after s is dropped (the resumed one computes it again)."""
+    points: dict[int, dict] = {}  # step -> its evaluation point
+    walls: dict[int, float] = {}  # train step -> training wall seconds
+    train: dict = {}
+    base = seg_start = spent = 0.0
+    for r in records(run):
+        if r["split"] == "run" and r.get("event") in ("start", "resume"):
+            base = walls.get(r["step"], 0.0)
+            points = {s: p for s, p in points.items() if s <= r["step"]}
+            walls = {s: w for s, w in walls.items() if s <= r["step"]}
+            seg_start, spent, train = r["time"], 0.0, {}
+        elif r["split"] == "train":
+            train[r["step"]] = r
+            walls[r["step"]] = base + r["time"] - seg_start - spent
+        elif r["split"] == "eval" and r["step"] in train:
+            t = train[r["step"]]
+            points[r["step"]] = {
+                "step": r["step"], "tokens": t["tokens"], "wall_s": walls[r["step"]], "loss": r["mlm_loss"],
+                "acc": r["mlm_acc"],
+                "chunks": {k: v for k, v in r.items() if k.startswith("chunk") and k.endswith("_mlm_loss")},
+                "probes": {k: v for k, v in r.items() if k.startswith("probe_acc_layer")}}
+            spent += r["time"] - t["time"]  # evaluation is not charged to training
+    ordered = [points[s] for s in sorted(points)]
+    return {key: [p[key] for p in ordered] for key in ("step", "tokens", "wall_s", "loss", "acc", "chunks", "probes")}
 
 
 def mean_curve(curves: list[dict]) -> dict[str, list]:
