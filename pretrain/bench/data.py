@@ -8,9 +8,9 @@ each is one line, repeated in order into ``{work}/corpus-{size}MB.txt`` up to th
 read that file (ours as ``data.files``), so they see the same documents. The tokenizer is the config's (trained on its
 corpus once and cached), saved to ``{work}/tokenizer`` and loaded from there by every arm.
 
-Every run is a fresh process (``python -m pretrain.bench.data``: ``arm_main``) on an empty cache directory, then a second fresh
-process on the cache it left (the cached call). For each size, ``--repeat`` rounds of HF 1, ours 1, HF N, ours N (A/B/A/B:
-the two ways share the machine's noise). Per run:
+Every run is a fresh process (``python -m pretrain.bench.data``: ``arm_main``) on an empty cache directory, then a
+second fresh process on the cache it left (the cached call). For each size, ``--repeat`` rounds of HF 1, ours 1, HF N,
+ours N (A/B/A/B: the two ways share the machine's noise). Per run:
 
 * ``seconds``: the preparation call, timed inside the process (loading the tokenizer, the text into Arrow,
   tokenizing, packing; not the interpreter's start and imports); ``tok_per_s`` = corpus tokens / seconds, where

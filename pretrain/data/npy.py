@@ -185,7 +185,8 @@ def truncate_rows(directory: str | os.PathLike, stem: str, rows: int) -> None:
 
 
 def _read_header(f, path) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """(shape, fortran_order, dtype) of the version 1.0 .npy file ``f`` (open at its start); leaves ``f`` at the data."""
+    """(shape, fortran_order, dtype) of the version 1.0 .npy file ``f`` (open at its start); leaves ``f`` at its
+    data."""
     version = np.lib.format.read_magic(f)
     if version != (1, 0):
         raise ValueError(f"{path}: .npy format version {version}, expected (1, 0) (written by NpyAppender)")
