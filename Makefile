@@ -29,10 +29,12 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -q -m slow
 
-# the CPU benchmarks (minutes; raw JSON in benchmarks/): decoupled pipelines vs backprop, our step vs stock HF
+# the CPU benchmarks (minutes; raw JSON in benchmarks/): decoupled pipelines vs backprop, our step vs stock HF, our
+# data preparation vs datasets map + group_texts
 bench: venv
 	$(PY) scripts/benchmark.py decouple --synthetic
 	$(PY) scripts/benchmark.py step --preset compare-cpu --objective mlm span electra --device cpu
+	$(PY) scripts/benchmark.py data
 
 # on a CUDA machine (`make bench-gpu TORCH=torch`): the GPU checks, then DESIGN §6's step and e2e suites (the
 # stock transformers step vs ours in one process; every arm compiles its step first); raw JSON in

@@ -159,3 +159,72 @@ def test_quality_curve_of_a_resumed_arm_continues_its_wall_clock(tmp_path):
     assert c["step"] == [2, 4, 6] and c["loss"] == [6.0, 5.0, 4.5]
     assert c["wall_s"] == [10.0, 22.0, 28.0]  # 10 + 12; then 10 + 20 - 2 s of evaluation
     assert c["probes"] == [{}, {"probe_acc_layer2": 0.4}, {}]
+
+def test_data_suite_runs_both_ways_on_the_same_tokens(benchmark, tmp_path):
+    """Real arms (fresh processes, 1 and 2 processes each way) on a 0.4 MiB corpus (> 1000 documents: several map
+    batches): every arm tokenizes the documents this tokenizer gives, ours packs exactly floor((T + D) / (L - 2))
+    blocks and the HF way its T + 2D tokens less under a block per map batch; the cached calls hit."""
+    from helpers import toy_corpus, write_tiny_config
+    from transformers import AutoTokenizer
+
+    from pretrain.bench.data import write_corpus
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("\n".join(toy_corpus(n_docs=300, seed=5)) + "\n")
+    cfg = write_tiny_config(tmp_path / "base.yaml", tmp_path / "corpus", tmp_path / "cache")
+    out, work = tmp_path / "data.json", tmp_path / "work"
+    argv = ["data", "--config", str(cfg), "--sizes-mb", "0.4", "--num-proc", "2", "--repeat", "1", "--work",
+            str(work), "--out", str(out)]
+    assert benchmark.main(argv) == 0
+    result = json.loads(out.read_text())
+    runs = result["runs"]
+    assert [r["arm"] for r in runs] == ["hf-1proc", "ours-1proc", "hf-2proc", "ours-2proc"]
+    tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
+    written = write_corpus(toy_corpus(n_docs=300, seed=5), tmp_path / "expected.txt", int(0.4 * 2 ** 20))
+    lines = (tmp_path / "expected.txt").read_text().splitlines()
+    n_docs, block = len(lines), 32
+    n_tokens = sum(len(ids) for ids in tokenizer(lines, add_special_tokens=False)["input_ids"])
+    assert n_docs > 1000
+    for r in runs:
+        assert r["corpus_bytes"] == written and (r["corpus_tokens"], r["documents"]) == (n_tokens, n_docs), r
+        assert r["cache_hit"] and r["peak_pss_anon_mb"] > 10 and r["seconds"] > 0 and r["cached_s"] > 0
+        assert math.isclose(r["tok_per_s"], n_tokens / r["seconds"])
+        assert math.isclose(r["disk_bytes_per_token"], r["disk_bytes"] / n_tokens)
+        assert r["block_tokens"] == r["blocks"] * block
+        if r["way"] == "ours":  # uint16 ids + int16 word ids per block token, beside the Arrow text
+            assert r["blocks"] == (n_tokens + n_docs) // (block - 2) and r["disk_bytes"] > 4 * r["block_tokens"]
+        else:  # [CLS] doc [SEP] concatenated; each map batch (<= 1000 documents of a process's shard) drops < a block
+            batches = n_docs // 1000 + r["num_proc"]
+            assert n_tokens + 2 * n_docs - batches * block < r["block_tokens"] <= n_tokens + 2 * n_docs, r
+    assert [(s["arm"], s["runs"]) for s in result["summary"]] == [(r["arm"], 1) for r in runs]
+    assert out.with_suffix(".md").read_text().splitlines()[2].startswith("| 0.4 MB | ")
+    assert not list(work.glob("cache-*")), "the arms' caches are removed"
+
+
+def test_data_summary_takes_medians_and_ratios_to_hf_at_the_same_num_proc():
+    from pretrain.bench.data import MEDIANS, summarise, table
+
+    def run(size, arm, k):
+        way, procs = arm.split("-")
+        return {"size_mb": size, "arm": arm, "way": way, "num_proc": int(procs[0]), "corpus_tokens": 1000 * size,
+                "cache_hit": k != 2 or arm != "hf-2proc", **{m: (size + k) * (2 if way == "ours" else 1) + i
+                                                               for i, m in enumerate(MEDIANS)}}
+
+    arms = ("hf-1proc", "ours-1proc", "hf-2proc", "ours-2proc")
+    runs = [run(size, arm, k) for size in (8, 32) for k in (2, 0, 1) for arm in arms]
+    summary = summarise(runs)
+    assert [(s["size_mb"], s["arm"], s["runs"]) for s in summary] == [(size, arm, 3) for size in (8, 32)
+                                                                      for arm in arms]
+    for s in summary:
+        ours = s["way"] == "ours"
+        assert all(s[m] == (s["size_mb"] + 1) * (2 if ours else 1) + i for i, m in enumerate(MEDIANS))  # k = 1
+        assert s["cache_hit"] == (s["arm"] != "hf-2proc")
+        if ours:
+            assert s["ratio_vs_hf"] == {m: (2 * (s["size_mb"] + 1) + i) / (s["size_mb"] + 1 + i)
+                                        for i, m in enumerate(MEDIANS)}
+        else:
+            assert "ratio_vs_hf" not in s
+    lines = table(summary).splitlines()
+    assert len(lines) == 2 + len(summary)
+    assert lines[3] == "| 8 MB | 0.01M | ours-1proc | 18.0 | 0k | 1.90 | 20 | 1.82 | 21.0 | 1.75 | 22.00 | 1.69 |"
+    assert lines[4].endswith("| 13.00 (miss) |  |")  # hf-2proc: one of its cached calls missed

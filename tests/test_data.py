@@ -581,3 +581,88 @@ def test_progress_on_a_terminal_is_a_tqdm_bar():
             progress.update(1, tokens=1000)
     out = stream.getvalue()
     assert out.startswith("\rwork:   0%|") and re.search(r"\rwork: 100%\|#+\| 10/10 docs \[00:00<00:00, [\d.]+[kMG]? tok/s\]\n$", out), out
+
+
+def test_sharded_appender_open_and_truncate(tmp_path, monkeypatch):
+    from pretrain.data import npy as npy_mod
+
+    monkeypatch.setattr(npy_mod, "SHARD_TOKENS", 10)  # 2 rows of width 5 per shard
+    rows = np.arange(35, dtype=np.int64).reshape(7, 5)
+    with npy_mod.ShardedAppender(tmp_path, "a", np.uint16, 5) as out:
+        out.append(rows[:3])
+        out.append(rows[3:])
+        with pytest.raises(ValueError, match=r"expected \[n, 5\]"):
+            out.append(rows[:, :4])
+    assert out.rows == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"a-{i:05d}.npy" for i in range(4)]
+    assert [np.load(p).shape[0] for p in npy_mod.shard_paths(tmp_path, "a")] == [2, 2, 2, 1]
+    sharded = npy_mod.open_rows(tmp_path, "a")
+    assert isinstance(sharded, npy_mod.ShardedRows) and sharded.shape == (7, 5) and sharded.size == 35
+    assert sharded.dtype == np.uint16 and np.array_equal(np.asarray(sharded), rows)
+    assert all(np.array_equal(sharded[i], rows[i]) for i in range(-7, 7))
+    for a, b in ((1, 6), (5, 100), (3, 3), (0, 7), (6, 7)):
+        assert np.array_equal(sharded[a:b], rows[a:b]), (a, b)
+    with pytest.raises(IndexError):
+        sharded[7]
+    del sharded
+    npy_mod.truncate_rows(tmp_path, "a", 3)  # cut inside the second shard; the third and fourth go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-00000.npy", "a-00001.npy"]
+    assert np.array_equal(np.asarray(npy_mod.open_rows(tmp_path, "a")), rows[:3])
+    npy_mod.truncate_rows(tmp_path, "a", 1)  # one shard left: the single-file layout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy"]
+    single = npy_mod.open_rows(tmp_path, "a")
+    assert isinstance(single, np.memmap) and np.array_equal(single, rows[:1])
+    with npy_mod.ShardedAppender(tmp_path, "b", np.int16, 5) as out:  # fits one shard: b.npy, no shard names
+        out.append(rows[:2])
+    assert np.array_equal(np.load(tmp_path / "b.npy"), rows[:2]) and not list(tmp_path.glob("b-*"))
+    with npy_mod.ShardedAppender(tmp_path, "a", np.uint16, 5) as out:  # written anew: a.npy goes
+        out.append(rows[:5])
+    assert sorted(p.name for p in tmp_path.glob("a*")) == ["a-00000.npy", "a-00001.npy", "a-00002.npy"]
+    (tmp_path / "a-00001.npy").rename(tmp_path / "c-00001.npy")
+    with pytest.raises(FileNotFoundError, match="no complete run of shards"):
+        npy_mod.open_rows(tmp_path, "c")
+
+
+@pytest.mark.parametrize("docs, split_by", [(toy_docs(120), "documents"), ([" ".join(toy_docs(60))], "blocks")])
+@pytest.mark.parametrize("shard_blocks", [1, 3])
+def test_sharded_cache_holds_the_blocks_of_the_unsharded_one(tmp_path, monkeypatch, docs, split_by, shard_blocks):
+    """The shard size lowered to 1 or 3 blocks: every split is several files (the split by blocks moves the last
+    blocks across shards and deletes the emptied ones), read back as the very blocks, counts and meta of the
+    single-file cache (the layout written before sharding), with 1 and 2 processes, under the same cache key."""
+    from pretrain.data import npy as npy_mod
+    from pretrain.data import tokenize as tokenize_mod
+
+    monkeypatch.setattr(tokenize_mod, "TOKENIZE_BATCH_DOCS", 7)
+    path = write_jsonl(tmp_path / "c.jsonl", docs)
+    single = prepare_blocks(make_cfg(tmp_path, [path], num_proc=1))
+    assert single.meta["split_by"] == split_by
+    expected = _cache_files(single.cache_path)
+    blocks = {s: (np.array(d.input_ids), np.array(d.word_ids)) for s, d in (("train", single.train),
+                                                                            ("validation", single.validation))}
+    assert len(blocks["validation"][0]) > 3 and sorted(expected) == ["meta", "train_input_ids.npy",
+                                                                      "train_word_ids.npy", "unigram_counts.npy",
+                                                                      "validation_input_ids.npy",
+                                                                      "validation_word_ids.npy"]
+    key = single.cache_path
+    del single
+    shutil.rmtree(key)
+    monkeypatch.setattr(npy_mod, "SHARD_TOKENS", shard_blocks * 32)
+    for num_proc in (1, 2):
+        data = prepare_blocks(make_cfg(tmp_path, [path], num_proc=num_proc))
+        assert data.cache_path == key
+        names = {p.name for p in key.iterdir()}
+        for name, split in (("train", data.train), ("validation", data.validation)):
+            n_shards = -(-len(blocks[name][0]) // shard_blocks)
+            assert {f"{name}_{c}-{i:05d}.npy" for c in ("input_ids", "word_ids") for i in range(n_shards)} <= names
+            assert f"{name}_input_ids-{n_shards:05d}.npy" not in names and f"{name}_input_ids.npy" not in names
+            assert isinstance(split.input_ids, npy_mod.ShardedRows) and len(split.input_ids.shards) == n_shards
+            assert np.array_equal(np.asarray(split.input_ids), blocks[name][0])
+            assert np.array_equal(np.asarray(split.word_ids), blocks[name][1])
+            clone = pickle.loads(pickle.dumps(split))
+            for i in range(len(split)):
+                assert np.array_equal(clone[i]["input_ids"].numpy(), blocks[name][0][i])
+                assert np.array_equal(split[i]["word_ids"].numpy(), blocks[name][1][i])
+        got = _cache_files(key)
+        assert got["meta"] == expected["meta"] and got["unigram_counts.npy"] == expected["unigram_counts.npy"]
+        del data, split, clone
+        shutil.rmtree(key)

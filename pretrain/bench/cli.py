@@ -48,6 +48,12 @@ Suites (subcommands):
   G at equal tokens and at equal wall time, time to backprop's final loss; JSON + PNG (see
   ``pretrain/bench/quality.py``).
 
+* ``data``: issue 19's data preparation. Ours (``prepare_blocks``, ``data.num_proc`` 1 and N) against the HF way
+  (``datasets.load_dataset("text")`` + ``map(tokenize)`` + ``map(group_texts)``, num_proc 1 and N) with the same
+  tokenizer and block size on text files of ``--sizes-mb`` made from the config's corpus; every run a fresh process,
+  A/B/A/B: preparation time and tok/s, peak Pss_Anon of the process tree, disk bytes per token, the cached second
+  call; medians and ours/HF ratios, JSON + a markdown table (see ``pretrain/bench/data.py``).
+
 Other suites are added as further subcommands; ``_worker`` is internal (one measured configuration).
 """
 
@@ -59,7 +65,9 @@ import os
 import sys
 from pathlib import Path
 
+from ..config import usable_cores
 from .common import PRESETS, default_out
+from .data import suite_data
 from .decouple import run_worker, suite_decouple
 from .e2e import suite_e2e
 from .quality import ARMS as QUALITY_ARMS
@@ -135,6 +143,17 @@ def main(argv=None) -> int:
     q.add_argument("--out-runs", type=Path, default=Path("runs") / "quality", help="the arms' run directories")
     q.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/quality-<date>.json)")
 
+    d = sub.add_parser("data", help="data preparation: ours (num_proc 1 and N) vs datasets map + group_texts")
+    d.add_argument("--config", type=Path, default=Path("configs") / "tiny.yaml",
+                   help="its corpus (repeated into the text files), tokenizer and data.block_size")
+    d.add_argument("--sizes-mb", type=float, nargs="+", default=[4, 16, 64], help="corpus text file sizes (MiB)")
+    d.add_argument("--num-proc", type=int, default=usable_cores(), help="N, the processes of the parallel arms")
+    d.add_argument("--repeat", type=int, default=3, help="rounds per size (medians reported)")
+    d.add_argument("--work", type=Path, default=Path("runs") / "bench-data",
+                   help="corpora, tokenizer, the arms' caches (removed after each run) and logs")
+    d.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/data-<date>.json; the "
+                   "table beside it as .md)")
+
     w = sub.add_parser("_worker", help=argparse.SUPPRESS)
     shape_args(w)
     w.add_argument("--kind", choices=["backprop", "local", "synthetic"], required=True)
@@ -145,7 +164,8 @@ def main(argv=None) -> int:
     if args.suite == "_worker":
         run_worker(args)
         return 0
-    suites = {"decouple": suite_decouple, "step": suite_step, "e2e": suite_e2e, "quality": suite_quality}
+    suites = {"decouple": suite_decouple, "step": suite_step, "e2e": suite_e2e, "quality": suite_quality,
+              "data": suite_data}
     results = suites[args.suite](args)
     out = args.out or default_out(args.suite)
     out.parent.mkdir(parents=True, exist_ok=True)

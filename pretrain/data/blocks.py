@@ -14,7 +14,9 @@ byte-identical for any ``num_proc``, and memory is bounded by the batches in fli
 The blocks live in ``{cache_dir}/blocks/{key}/`` as .npy files (ids uint16 when the vocabulary fits, else uint32;
 word ids int16), with ``meta.json`` and the train-split unigram counts; ``key`` hashes the corpus fingerprint, the
 tokenizer, the block size, the validation fraction and the seed (not ``num_proc``). A later call with the same settings memory-maps
-the files without reading the corpus or tokenizing.
+the files without reading the corpus or tokenizing. A split of more than ``npy.SHARD_TOKENS`` (2**31) tokens is
+written as shards of whole blocks (``train_input_ids-00000.npy``, ...; see ``npy.py``) and read as one sequence; the
+blocks do not depend on the shard size, so it is not part of the key either.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from datasets import Dataset
 
 from .corpus import corpus_fingerprint, expand_cache_dir, load_corpus
 from .lock import build_lock
-from .npy import NpyAppender, truncate_npy
+from .npy import ShardedAppender, ShardedRows, open_rows, truncate_rows
 from .progress import Progress
 from .tokenize import tokenize_documents
 from .tokenizer import get_tokenizer, tokenizer_hash
@@ -45,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 #: bump when the block layout changes
 BLOCKS_FORMAT_VERSION = 1
+#: tokens copied at a time when the last blocks of a split by blocks move to the validation files
+COPY_TOKENS = 1 << 24
 
 
 class CorpusTooSmallError(ValueError):
@@ -54,20 +58,22 @@ class CorpusTooSmallError(ValueError):
 class BlockDataset(torch.utils.data.Dataset):
     """Packed blocks: ``ds[i] -> {"input_ids": LongTensor[L], "word_ids": LongTensor[L]}``.
 
-    Holds two ``[N, L]`` arrays (usually memory-mapped .npy files). Pickling (DataLoader workers started with
-    spawn) sends the file paths, not the data.
+    Holds two ``[N, L]`` arrays (usually memory-mapped .npy files, or ``ShardedRows`` over their shards). Pickling
+    (DataLoader workers started with spawn) sends the cache directory and split, not the data.
     """
 
-    def __init__(self, input_ids: np.ndarray, word_ids: np.ndarray, paths: tuple[Path, Path] | None = None):
+    def __init__(self, input_ids: np.ndarray | ShardedRows, word_ids: np.ndarray | ShardedRows,
+                 source: tuple[Path, str] | None = None):
         if input_ids.shape != word_ids.shape or input_ids.ndim != 2:
             raise ValueError(f"input_ids {input_ids.shape} and word_ids {word_ids.shape} must both be [N, L]")
-        self.input_ids, self.word_ids, self._paths = input_ids, word_ids, paths
+        self.input_ids, self.word_ids, self._source = input_ids, word_ids, source
 
     @classmethod
     def load(cls, directory: str | os.PathLike, split: str) -> "BlockDataset":
-        """Memory-map ``{split}_input_ids.npy`` and ``{split}_word_ids.npy`` of a block cache directory."""
-        paths = (Path(directory) / f"{split}_input_ids.npy", Path(directory) / f"{split}_word_ids.npy")
-        return cls(np.load(paths[0], mmap_mode="r"), np.load(paths[1], mmap_mode="r"), paths)
+        """Memory-map ``{split}_input_ids`` and ``{split}_word_ids`` (one .npy file each, or their shards) of a block
+        cache directory."""
+        return cls(open_rows(directory, f"{split}_input_ids"), open_rows(directory, f"{split}_word_ids"),
+                   (Path(directory), split))
 
     @property
     def block_size(self) -> int:
@@ -87,13 +93,11 @@ class BlockDataset(torch.utils.data.Dataset):
         }
 
     def __getstate__(self):
-        return self.__dict__ if self._paths is None else {"_paths": self._paths}
+        return self.__dict__ if self._source is None else {"_source": self._source}
 
     def __setstate__(self, state):
         if "input_ids" not in state:  # memory-mapped: reopen the files in this process
-            paths = state["_paths"]
-            state = {"input_ids": np.load(paths[0], mmap_mode="r"), "word_ids": np.load(paths[1], mmap_mode="r"),
-                     "_paths": paths}
+            state = BlockDataset.load(*state["_source"]).__dict__
         self.__dict__.update(state)
 
 
@@ -235,8 +239,8 @@ class _Packer:
                 yield ids, words, lengths
 
         tok = self.tokenizer
-        with NpyAppender(self.tmp / f"{name}_input_ids.npy", self.ids_dtype, self.block_size) as ids_out, \
-                NpyAppender(self.tmp / f"{name}_word_ids.npy", np.int16, self.block_size) as words_out:
+        with ShardedAppender(self.tmp, f"{name}_input_ids", self.ids_dtype, self.block_size) as ids_out, \
+                ShardedAppender(self.tmp, f"{name}_word_ids", np.int16, self.block_size) as words_out:
             for ids, words in pack_blocks(batches(), self.block_size, tok.cls_token_id, tok.sep_token_id):
                 ids_out.append(ids)
                 words_out.append(words)
@@ -269,14 +273,20 @@ def _split_by_blocks(corpus: Dataset, settings: dict, pack: _Packer, unigram: np
         whole = pack(corpus, "train", progress, unigram)
     n_val = min(max(1, round(settings["validation_fraction"] * whole.blocks)), whole.blocks)
     keep = whole.blocks - n_val
+    step = max(1, COPY_TOKENS // settings["block_size"])
+
+    def copy_tail(column: str) -> None:  # its memory maps close on return, before the files are truncated
+        rows = open_rows(pack.tmp, f"train_{column}")
+        with ShardedAppender(pack.tmp, f"validation_{column}", rows.dtype, settings["block_size"]) as out:
+            for lo in range(keep, whole.blocks, step):
+                tail = np.asarray(rows[lo:lo + step])
+                out.append(tail)
+                if column == "input_ids":
+                    unigram[:] -= np.bincount(tail.ravel(), minlength=len(unigram))[:len(unigram)]
+
     for column in ("input_ids", "word_ids"):
-        src = pack.tmp / f"train_{column}.npy"
-        tail = np.load(src, mmap_mode="r")[keep:]
-        np.save(pack.tmp / f"validation_{column}.npy", tail)
-        if column == "input_ids":
-            unigram -= np.bincount(np.asarray(tail).ravel(), minlength=len(unigram))[:len(unigram)]
-        del tail  # the memory map, before the file is truncated under it
-        truncate_npy(src, keep)
+        copy_tail(column)
+        truncate_rows(pack.tmp, f"train_{column}", keep)
     return {"train": _Split(len(corpus), whole.stream_tokens, keep),
             "validation": _Split(len(corpus), whole.stream_tokens, n_val)}
 
