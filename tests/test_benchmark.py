@@ -160,6 +160,7 @@ def test_quality_curve_of_a_resumed_arm_continues_its_wall_clock(tmp_path):
     assert c["wall_s"] == [10.0, 22.0, 28.0]  # 10 + 12; then 10 + 20 - 2 s of evaluation
     assert c["probes"] == [{}, {"probe_acc_layer2": 0.4}, {}]
 
+
 def test_data_suite_runs_both_ways_on_the_same_tokens(benchmark, tmp_path):
     """Real arms (fresh processes, 1 and 2 processes each way) on a 0.4 MiB corpus (> 1000 documents: several map
     batches): every arm tokenizes the documents this tokenizer gives, ours packs exactly floor((T + D) / (L - 2))
