@@ -83,6 +83,7 @@ def run_arm(args, shape: str, arm: str, seed: int) -> Path:
         cmd = [sys.executable, *script]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     log = out.parent / f"{out.name}.log"  # a file, not a pipe: the arm outlives a killed benchmark process
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
