@@ -1,0 +1,99 @@
+"""pretrain/studies/arms.py (a study = a table of arms) through the backbone study (pretrain/studies/archs.py): the
+same-setup check allows only the study's own differences, an optional arm the toolkit rejects is reported as not
+yet supported, and a toy study trains, measures, scores and reports every arm."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import toy_corpus
+from pretrain.studies.arms import Arm, Study, check_same_setup, load_arm_configs
+
+
+def study_args(tmp_path: Path, arms, override=()) -> argparse.Namespace:
+    return argparse.Namespace(arms=list(arms), steps=4, out=tmp_path / "runs", override=list(override))
+
+
+def test_same_setup_check_allows_only_the_studys_differences(tmp_path):
+    arms = {"a": Arm("configs/tiny.yaml", 0), "b": Arm("configs/spanbert-tiny.yaml", 1),
+            "wider": Arm("configs/tiny.yaml", 0, ("model.hidden_size=256",))}
+    study = Study(name="t", script="t", runs="runs/t", section="## T", arms=arms, varies=("objective",))
+    configs, unsupported = load_arm_configs(study, study_args(tmp_path, ["a", "b"]))
+    assert set(configs) == {"a", "b"} and unsupported == {}
+    check_same_setup(study, configs)  # objective, seed and output_dir differ: allowed
+    configs, _ = load_arm_configs(study, study_args(tmp_path, ["a", "wider"]))
+    with pytest.raises(SystemExit, match="model.hidden_size"):
+        check_same_setup(study, configs)
+    no_objective = Study(name="t", script="t", runs="runs/t", section="## T", arms=arms, varies=())
+    configs, _ = load_arm_configs(no_objective, study_args(tmp_path, ["a", "b"]))
+    with pytest.raises(SystemExit, match="objective"):
+        check_same_setup(no_objective, configs)
+
+
+def test_a_rejected_arm_fails_the_study_unless_it_is_optional(tmp_path):
+    arms = {"a": Arm("configs/tiny.yaml", 0), "bad": Arm("configs/tiny.yaml", 0, ("model.num_heads=3",))}
+    strict = Study(name="t", script="t", runs="runs/t", section="## T", arms=arms, varies=())
+    with pytest.raises(ValueError, match="num_heads"):
+        load_arm_configs(strict, study_args(tmp_path, ["a", "bad"]))
+    lenient = Study(name="t", script="t", runs="runs/t", section="## T", arms=arms, varies=(),
+                    optional=frozenset({"bad"}))
+    configs, unsupported = load_arm_configs(lenient, study_args(tmp_path, ["a", "bad"]))
+    assert list(configs) == ["a"] and "num_heads" in unsupported["bad"]
+
+
+def labelled(n: int) -> list[dict]:
+    words = toy_corpus(n_docs=n, seed=3)
+    return [{"text": " ".join(doc.split()[:8]) + f" {i}", "label": i % 3} for i, doc in enumerate(words)]
+
+
+def test_archs_study_trains_scores_and_reports_every_arm(tmp_path):
+    """Real runs of a 2 x 32 model, 4 steps: per arm its parameters, FLOPs/step, held-out MLM and the probe; the
+    per-arch seed spread; the ELECTRA-on-ModernBERT arm listed as not yet supported where ELECTRA rejects it."""
+    from pretrain.studies import archs
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("\n".join(toy_corpus(n_docs=150, seed=4)) + "\n")
+    (tmp_path / "probe.jsonl").write_text("".join(json.dumps(e) + "\n" for e in labelled(120)))
+    arms = ["bert-seed0", "electra-modernbert-seed0", "bert-seed1"]
+    results = tmp_path / "results"
+    argv = ["--arms", *arms, "--steps", "4", "--out", str(tmp_path / "runs"), "--results", str(results),
+            "--probe-data", str(tmp_path / "probe.jsonl"), "--probe-train", "80", "--probe-test", "40",
+            "--eval-blocks", "8", "--threads", "1", "--override", "data.demo=[]",
+            f"data.files=[{tmp_path / 'corpus' / '*.txt'}]", f"data.cache_dir={tmp_path / 'cache'}",
+            "data.block_size=32", "data.validation_fraction=0.1", "data.num_workers=0", "tokenizer.vocab_size=200",
+            "model.hidden_size=32", "model.intermediate_size=64", "model.max_position_embeddings=64",
+            "train.micro_batch_size=4", "train.warmup_steps=1", "train.device=cpu"]
+    assert archs.main(argv) == 0
+    (raw,) = results.glob("archs-*.json")
+    report = json.loads(raw.read_text())
+    trained = [a for a in arms if a not in report["unsupported"]]
+    assert set(report["runs"]) == set(trained) and "bert-seed0" in trained
+    assert set(report["unsupported"]) <= {"electra-modernbert-seed0"}
+    for arm in trained:
+        assert report["runs"][arm]["steps"] == 4 and report["flops"][arm]["train_flops_per_step"] > 0
+        assert report["flops"][arm]["tokens_per_step"] == 4 * 32
+        assert sum(report["flops"][arm]["parameters"].values()) > 0
+        assert 0.0 <= report["flat"][arm]["probe_acc"] <= 1.0
+    for arm in (a for a in trained if not a.startswith("electra")):
+        assert report["flat"][arm]["mlm_loss"] > 0
+        assert report["evaluations"][arm]["data"]["blocks"] == 8
+    assert report["evaluations"]["random-init-bert"]["random_init"] is True
+    bert = report["seed_spread"]["bert"]["mlm_loss"]
+    values = [report["flat"]["bert-seed0"]["mlm_loss"], report["flat"]["bert-seed1"]["mlm_loss"]]
+    assert bert["values"] == values and bert["spread"] == pytest.approx(abs(values[0] - values[1]))
+    text = (results / "RESULTS.md").read_text()
+    assert archs.STUDY.section in text and "| bert-seed1 | bert | mlm |" in text
+    for arm in report["unsupported"]:
+        assert f"**{arm}: not yet supported**" in text
+    # a second call reuses the finished runs; --from-json re-renders the same section
+    before = {arm: (tmp_path / "runs" / arm / "compare_run.json").read_text() for arm in trained}
+    assert archs.main(argv) == 0
+    assert before == {arm: (tmp_path / "runs" / arm / "compare_run.json").read_text() for arm in trained}
+    text = (results / "RESULTS.md").read_text()
+    (results / "RESULTS.md").write_text("# other\n")
+    assert archs.main(["--from-json", str(raw), "--results", str(results), "--out", str(tmp_path / "runs")]) == 0
+    assert (results / "RESULTS.md").read_text() == "# other\n\n" + text.split("\n\n", 2)[2]
