@@ -107,22 +107,24 @@ def markdown(report: dict) -> str:
     probe = next((r["probe"] for r in report["evaluations"].values() if "probe" in r), {})
     lines = [STUDY.section, "",
              f"Measured {report['date']} on **{host['cpu']} ({host['cores']} cores), CPU only** (GPU: not measured); "
-             f"torch {host['torch']}, transformers {host['transformers']}, {report['threads']} torch thread(s) per run. "
-             "Other jobs may share the machine: the load column is the mean 1-minute load average during each "
+             f"torch {host['torch']}, transformers {host['transformers']}, {report['threads']} torch thread(s) per "
+             "run. Other jobs may share the machine: the load column is the mean 1-minute load average during each "
              "run. Command:", "", "```bash", report["command"], "```", "",
-             f"Every arm: demo corpus (bible + pydoc + gcide; WordNet glosses are not in it), WordPiece 8192, blocks of "
-             f"128, **{steps} steps × 32 blocks = {steps * 32 * 128 / 1e6:.1f}M tokens**, 2 layers × 128 (2 heads, FFN "
-             "512), lr 2e-3 linear decay, warmup 100, AdamW, no dropout, 15% masking (ModernBERT's recipe masks 30%: "
-             "not here, so the losses compare), ModernBERT's own options at their defaults (global attention every "
-             "3rd layer from layer 0, a 128-token local window, RoPE θ 160k global / 10k local). Only the arch (and "
-             "for the last two arms the objective) differs; nothing was tuned per arm. Parameters: everything trained "
-             "(the encoder that the probe reads in brackets); train FLOPs of one step measured (FlopCounterMode, one "
-             "real forward + backward, attention on the math kernel), relative to BERT's.",
+             "Every arm: demo corpus (bible + pydoc + gcide; WordNet glosses are not in it), WordPiece 8192, blocks "
+             f"of 128, **{steps} steps × 32 blocks = {steps * 32 * 128 / 1e6:.1f}M tokens**, 2 layers × 128 (2 "
+             "heads, FFN 512), lr 2e-3 linear decay, warmup 100, AdamW, no dropout, 15% masking (ModernBERT's "
+             "recipe masks 30%: not here, so the losses compare), ModernBERT's own options at their defaults "
+             "(global attention every 3rd layer from layer 0, a 128-token local window, RoPE θ 160k global / 10k "
+             "local). Only the arch (and for the last two arms the objective) differs; nothing was tuned per arm. "
+             "Parameters: everything trained (the encoder that the probe reads in brackets); train FLOPs of one "
+             "step measured (FlopCounterMode, one real forward + backward, attention on the math kernel), relative "
+             "to BERT's.",
              "Held-out numbers: each run's validation split "
              f"({report['eval_blocks']} blocks; `train.seed` draws the split, so the seed-1 arms are scored on their "
              "own), fixed masks (seed 1234): random-token MLM (15%, 80/10/10) and span infilling (whole spans of 3–6 "
              f"words, all [MASK]). Probe: WordNet supersense (45 classes), {probe.get('n_train')} train / "
-             f"{probe.get('n_test')} test glosses, mean-pooled last layer, standardised, logistic regression C = 1.", "",
+             f"{probe.get('n_test')} test glosses, mean-pooled last layer, standardised, logistic regression C = 1.",
+             "",
              "| arm | arch | objective | parameters (encoder) | train GFLOP/step (× BERT) | train time (tok/s) | load "
              "| MLM loss | MLM acc | span token acc | supersense probe acc |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

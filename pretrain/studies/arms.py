@@ -335,8 +335,8 @@ def main(study: Study, args, plan: Callable, finish: Callable, markdown: Callabl
     train_done = time.perf_counter()
     evaluations = evaluate(args, plan(args, configs))
     report = {
-        "date": datetime.date.today().isoformat(), "command": f"python scripts/{study.script}.py {' '.join(args.argv)}".strip(),
-        "steps": args.steps,
+        "date": datetime.date.today().isoformat(), "steps": args.steps,
+        "command": f"python scripts/{study.script}.py {' '.join(args.argv)}".strip(),
         "arms": {arm: {"config": study.arms[arm].config, "seed": study.arms[arm].seed,
                        "overrides": arm_overrides(study, args, arm)} for arm in configs},
         "unsupported": unsupported,
