@@ -97,3 +97,57 @@ def test_archs_study_trains_scores_and_reports_every_arm(tmp_path):
     (results / "RESULTS.md").write_text("# other\n")
     assert archs.main(["--from-json", str(raw), "--results", str(results), "--out", str(tmp_path / "runs")]) == 0
     assert (results / "RESULTS.md").read_text() == "# other\n\n" + text.split("\n\n", 2)[2]
+
+
+def made_up_report() -> dict:
+    """A backbone-study report with made-up numbers: arm i has MLM loss 5.8 + 0.01 i, probe 0.43 + 0.002 i."""
+    def evaluation(loss, acc, probe):
+        return {"kind": "mlm", "encoder_parameters": 900_000, "data": {"blocks": 10},
+                "mlm": {"loss": loss, "acc": acc, "unigram_loss": 6.6, "unigram_acc": 0.08},
+                "span_infilling": {"token_acc": acc / 2, "exact_span_acc": 0.0},
+                "probe": {"accuracy": probe, "macro_f1": probe / 2, "majority_acc": 0.12, "n_train": 100,
+                          "n_test": 50}}
+
+    arms = ["bert-seed0", "roberta-seed0", "modernbert-seed0", "span-modernbert-seed0", "bert-seed1", "roberta-seed1",
+            "modernbert-seed1"]
+    evaluations = {a: evaluation(5.8 + 0.01 * i, 0.17 - 0.001 * i, 0.43 + 0.002 * i) for i, a in enumerate(arms)}
+    evaluations["random-init-bert"] = evaluation(9.0, 0.0, 0.39)
+    return {"date": "2026-12-02", "command": "python scripts/compare_archs.py", "steps": 1500, "threads": 1,
+            "eval_blocks": 10, "host": {"cpu": "cpu", "cores": 2, "torch": "2", "transformers": "5"},
+            "runs": {a: {"train_seconds": 400.0, "tok_per_s": 14000, "load1_mean": 3.0} for a in arms},
+            "flops": {a: {"train_flops_per_step": 15e9 * (1 + 0.1 * i),
+                          "parameters": {"model": 1_500_000, "objective_heads": 10_000 * i}}
+                      for i, a in enumerate(arms)},
+            "evaluations": evaluations, "notes": [],
+            "unsupported": {"electra-modernbert-seed0": "objective electra trains model.arch bert only"}}
+
+
+def test_archs_report_spreads_gaps_and_section():
+    from pretrain.studies import archs
+
+    report = made_up_report()
+    archs.finish(report, None)
+    spread = report["seed_spread"]
+    assert set(spread) == {"bert", "roberta", "modernbert"}
+    # bert: arms 0 and 4, roberta 1 and 5, modernbert 2 and 6: every spread is 4 steps of the made-up numbers
+    assert spread["modernbert"]["mlm_loss"]["values"] == pytest.approx([5.82, 5.86])
+    assert spread["modernbert"]["mlm_loss"]["mean"] == pytest.approx(5.84)
+    assert all(s[m]["spread"] == pytest.approx(4 * step) for s in spread.values()
+               for m, step in (("mlm_loss", 0.01), ("probe_acc", 0.002)))
+    gaps = report["gaps"]
+    assert {arm: g["vs"] for arm, g in gaps.items()} == {"roberta-seed0": "bert-seed0",
+                                                         "modernbert-seed0": "bert-seed0",
+                                                         "span-modernbert-seed0": "modernbert-seed0"}
+    assert gaps["modernbert-seed0"]["mlm_loss"]["diff"] == pytest.approx(0.02)
+    assert gaps["modernbert-seed0"]["mlm_loss"]["x_spread"] == pytest.approx(0.5)
+    assert gaps["span-modernbert-seed0"]["probe_acc"]["x_spread"] == pytest.approx(0.25)  # modernbert's own spread
+    text = archs.markdown(report)
+    table, _, differences = text.partition("Differences")
+    lines = table.splitlines()
+    assert ("| modernbert-seed0 | modernbert | mlm | 1.52M (0.90M) | 18.0 (1.20×) | 400 s (14.0k) | 3.0 | 5.820 | "
+            "0.168 | 0.084 | 0.434 |") in lines
+    assert ("| random-init-bert | bert | – (random init) | 1.50M (0.90M) | – | – | – | 9.000 | 0.000 | 0.000 | "
+            "0.390 |") in lines
+    assert ("| modernbert-seed0 | bert-seed0 | +0.0200 (0.5×) | -0.0020 (0.5×) | -0.0010 (0.5×) | +0.0040 (0.5×) "
+            "|") in differences.splitlines()
+    assert "**electra-modernbert-seed0: not yet supported** (its config is rejected: objective electra" in text

@@ -80,8 +80,8 @@ def gaps(flat: dict, spread: dict) -> dict:
             a, b = flat[arm].get(m), flat[ref].get(m)
             if a is None or b is None:
                 continue
-            spreads = [spread[LABELS[x][0]][m]["spread"] for x in (arm, ref) if LABELS[x][0] in spread]
-            unit = max(spreads) if len(spreads) == len({LABELS[arm][0], LABELS[ref][0]}) else None
+            compared = {LABELS[arm][0], LABELS[ref][0]}
+            unit = max(spread[a][m]["spread"] for a in compared) if compared <= set(spread) else None
             out[arm][m] = {"diff": a - b, "x_spread": abs(a - b) / unit if unit else None}
     return out
 
