@@ -49,7 +49,7 @@ def test_step_suite_runs_every_arm_with_equal_first_losses(benchmark, tmp_path, 
 STOCK = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM", "modernbert": "ModernBertForMaskedLM"}
 
 
-@pytest.mark.parametrize("arch", ["bert"])
+@pytest.mark.parametrize("arch", list(STOCK))
 def test_step_suite_baseline_is_the_stock_masked_lm_of_the_arch(benchmark, tmp_path, one_thread, arch):
     """--arch: the baseline is that arch's stock *ForMaskedLM(labels=...), ours the trainer's step on the same model;
     both first losses finite and equal (same weights, eval mode), the ratio the baseline's step time over ours."""

@@ -28,6 +28,14 @@ def test_same_setup_check_allows_only_the_studys_differences(tmp_path):
     configs, _ = load_arm_configs(study, study_args(tmp_path, ["a", "wider"]))
     with pytest.raises(SystemExit, match="model.hidden_size"):
         check_same_setup(study, configs)
+    modernbert = Arm("configs/tiny.yaml", 0, ("model.arch=modernbert", "model.modernbert.local_attention=64"))
+    archs = Study(name="t", script="t", runs="runs/t", section="## T", arms={"a": arms["a"], "mb": modernbert},
+                  varies=("model.arch", "model.modernbert"))
+    configs, _ = load_arm_configs(archs, study_args(tmp_path, ["a", "mb"]))
+    check_same_setup(archs, configs)  # the arch and its own section: allowed where the study says so
+    with pytest.raises(SystemExit, match="model.arch"):
+        check_same_setup(Study(name="t", script="t", runs="runs/t", section="## T", arms=archs.arms, varies=()),
+                         configs)
     no_objective = Study(name="t", script="t", runs="runs/t", section="## T", arms=arms, varies=())
     configs, _ = load_arm_configs(no_objective, study_args(tmp_path, ["a", "b"]))
     with pytest.raises(SystemExit, match="objective"):
@@ -52,13 +60,14 @@ def labelled(n: int) -> list[dict]:
 
 def test_archs_study_trains_scores_and_reports_every_arm(tmp_path):
     """Real runs of a 2 x 32 model, 4 steps: per arm its parameters, FLOPs/step, held-out MLM and the probe; the
-    per-arch seed spread; the ELECTRA-on-ModernBERT arm listed as not yet supported where ELECTRA rejects it."""
+    per-arch seed spread; the ELECTRA-on-ModernBERT arm listed as not yet supported where ELECTRA rejects it; the
+    ModernBERT arm is a ModernBertForMaskedLM with its own parameter count."""
     from pretrain.studies import archs
 
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text("\n".join(toy_corpus(n_docs=150, seed=4)) + "\n")
     (tmp_path / "probe.jsonl").write_text("".join(json.dumps(e) + "\n" for e in labelled(120)))
-    arms = ["bert-seed0", "electra-modernbert-seed0", "bert-seed1"]
+    arms = ["bert-seed0", "modernbert-seed0", "electra-modernbert-seed0", "bert-seed1"]
     results = tmp_path / "results"
     argv = ["--arms", *arms, "--steps", "4", "--out", str(tmp_path / "runs"), "--results", str(results),
             "--probe-data", str(tmp_path / "probe.jsonl"), "--probe-train", "80", "--probe-test", "40",
@@ -72,7 +81,8 @@ def test_archs_study_trains_scores_and_reports_every_arm(tmp_path):
     report = json.loads(raw.read_text())
     trained = [a for a in arms if a not in report["unsupported"]]
     assert set(report["runs"]) == set(trained) and "bert-seed0" in trained
-    assert set(report["unsupported"]) <= {"electra-modernbert-seed0"}
+    assert set(report["unsupported"]) <= {"electra-modernbert-seed0"}  # while ELECTRA trains bert only
+    assert all("model.arch" in reason for reason in report["unsupported"].values())
     for arm in trained:
         assert report["runs"][arm]["steps"] == 4 and report["flops"][arm]["train_flops_per_step"] > 0
         assert report["flops"][arm]["tokens_per_step"] == 4 * 32
@@ -82,6 +92,8 @@ def test_archs_study_trains_scores_and_reports_every_arm(tmp_path):
         assert report["flat"][arm]["mlm_loss"] > 0
         assert report["evaluations"][arm]["data"]["blocks"] == 8
     assert report["evaluations"]["random-init-bert"]["random_init"] is True
+    assert report["evaluations"]["modernbert-seed0"]["model_class"] == "ModernBertForMaskedLM"
+    assert report["flops"]["modernbert-seed0"]["parameters"] != report["flops"]["bert-seed0"]["parameters"]
     bert = report["seed_spread"]["bert"]["mlm_loss"]
     values = [report["flat"]["bert-seed0"]["mlm_loss"], report["flat"]["bert-seed1"]["mlm_loss"]]
     assert bert["values"] == values and bert["spread"] == pytest.approx(abs(values[0] - values[1]))

@@ -67,6 +67,8 @@ import os
 import sys
 from pathlib import Path
 
+from objectives import BACKBONES
+
 from ..config import usable_cores
 from .common import PRESETS, default_out
 from .data import suite_data
@@ -118,9 +120,9 @@ def main(argv=None) -> int:
 
     st = sub.add_parser("step", help="the trainer's step vs the stock transformers step, same process")
     model_args(st, "step", 10, "timed steps per round")
-    st.add_argument("--arch", nargs="+", default=["bert"],
-                    help="model.arch of the model (each arch its own rows): bert, roberta or modernbert; the baseline "
-                         "is that arch's stock *ForMaskedLM")
+    st.add_argument("--arch", nargs="+", choices=list(BACKBONES), default=["bert"],
+                    help="model.arch of the model (each arch its own rows); the baseline is that arch's stock "
+                         "*ForMaskedLM")
     st.add_argument("--warmup", type=int, default=3, help="untimed steps per arm before the rounds")
     st.add_argument("--compile", action="store_true", help="torch.compile the baseline's loss function")
     st.add_argument("--ours", nargs="+", choices=list(OUR_VARIANTS), default=None,

@@ -33,8 +33,7 @@ def step_config(args, objective: str, arch: str, device):
     return config_from_dict({
         "output_dir": "unused",
         "data": {"files": ["random-tokens"], "block_size": args.seq, "num_workers": 0},
-        "model": {**({"arch": arch} if arch != "bert" else {}),  # bert: model.arch's default
-                  "hidden_size": hidden, "num_layers": layers, "num_heads": heads,
+        "model": {"arch": arch, "hidden_size": hidden, "num_layers": layers, "num_heads": heads,
                   "intermediate_size": intermediate, "max_position_embeddings": max(512, args.seq),
                   "embedding_size": embedding, "hidden_dropout": 0.1, "attention_dropout": 0.1},
         # a static masked count per block, as BERT's reference data pipeline (and the fast path's static shapes)

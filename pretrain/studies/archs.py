@@ -25,6 +25,8 @@ the raw numbers into RESULTS/archs-<date>.json.
 
 from __future__ import annotations
 
+from objectives import BACKBONES
+
 from .arms import Arm, Study, fmt, parse_args, pick
 from .arms import main as run_study
 
@@ -37,10 +39,9 @@ CONFIGS = {"mlm": "configs/tiny.yaml", "span": "configs/spanbert-tiny.yaml", "el
 STUDY = Study(
     name="archs", script="compare_archs", runs="runs/compare-archs",
     section="## Backbones (BERT vs RoBERTa vs ModernBERT)",
-    # bert is model.arch's default
-    arms={arm: Arm(CONFIGS[objective], seed, (f"model.arch={arch}",) if arch != "bert" else ())
+    arms={arm: Arm(CONFIGS[objective], seed, (f"model.arch={arch}",))
           for arm, (arch, objective, seed) in LABELS.items()},
-    varies=("objective", "model.arch", *(f"model.{a}" for a in ARCHS)),
+    varies=("objective", "model.arch", *(f"model.{a}" for a in ARCHS if BACKBONES[a].options)),
     optional=frozenset({"electra-modernbert-seed0"}))
 #: each arm's numbers are compared with this arm's, in units of the larger seed spread of the two archs
 COMPARED_WITH = {"roberta-seed0": "bert-seed0", "modernbert-seed0": "bert-seed0",

@@ -85,7 +85,7 @@ def load_arm_configs(study: Study, args) -> tuple[dict, dict[str, str]]:
         except (ConfigError, ValueError) as e:
             if arm not in study.optional:
                 raise
-            unsupported[arm] = str(e)
+            unsupported[arm] = " ".join(str(e).split())  # one line: it goes into a sentence of the report
     return configs, unsupported
 
 
