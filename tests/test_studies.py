@@ -163,3 +163,20 @@ def test_archs_report_spreads_gaps_and_section():
     assert ("| modernbert-seed0 | bert-seed0 | +0.0200 (0.5×) | -0.0020 (0.5×) | -0.0010 (0.5×) | +0.0040 (0.5×) "
             "|") in differences.splitlines()
     assert "**electra-modernbert-seed0: not yet supported** (its config is rejected: objective electra" in text
+
+
+def test_objectives_study_renders_its_committed_section_from_its_raw_json(tmp_path):
+    """The objectives study on the shared machinery: --from-json of benchmarks/objectives-2026-11-23.json gives the
+    tables and the command of the committed RESULTS.md section (its notes were edited by hand since)."""
+    import shutil
+
+    from pretrain.studies import objectives
+
+    root = Path(__file__).resolve().parents[1]
+    raw = shutil.copy(root / "benchmarks" / "objectives-2026-11-23.json", tmp_path / "raw.json")
+    assert objectives.main(["--from-json", str(raw), "--results", str(tmp_path), "--out", str(tmp_path)]) == 0
+    rendered = (tmp_path / "RESULTS.md").read_text().split(objectives.STUDY.section, 1)[1]
+    committed = (root / "benchmarks" / "RESULTS.md").read_text().split(objectives.STUDY.section, 1)[1]
+    committed = committed[:committed.index("\n## ")]
+    lines = [x for x in rendered.splitlines() if x.startswith(("| ", "python scripts/"))]
+    assert len(lines) == 14 and all(x in committed.splitlines() for x in lines)
