@@ -29,11 +29,13 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -q -m slow
 
-# the CPU benchmarks (minutes; raw JSON in benchmarks/): decoupled pipelines vs backprop, our step vs stock HF, our
-# data preparation vs datasets map + group_texts
+# the CPU benchmarks (minutes; raw JSON in benchmarks/): decoupled pipelines vs backprop, our step vs stock HF (each
+# arch's stock *ForMaskedLM), our data preparation vs datasets map + group_texts
 bench: venv
 	$(PY) scripts/benchmark.py decouple --synthetic
 	$(PY) scripts/benchmark.py step --preset compare-cpu --objective mlm span electra --device cpu
+	$(PY) scripts/benchmark.py step --preset compare-cpu --arch roberta modernbert --objective mlm span --device cpu \
+		--out benchmarks/step-archs-$(BENCH_DAY).json
 	$(PY) scripts/benchmark.py data
 
 # on a CUDA machine (`make bench-gpu TORCH=torch`): the GPU checks, then DESIGN §6's step and e2e suites (the
