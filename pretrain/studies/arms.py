@@ -82,7 +82,7 @@ def load_arm_configs(study: Study, args) -> tuple[dict, dict[str, str]]:
     for arm in args.arms:
         try:
             configs[arm] = load_config(ROOT / study.arms[arm].config, arm_overrides(study, args, arm))
-        except (ConfigError, ValueError) as e:
+        except ConfigError as e:
             if arm not in study.optional:
                 raise
             unsupported[arm] = " ".join(str(e).split())  # one line: it goes into a sentence of the report
@@ -326,6 +326,8 @@ def main(study: Study, args, plan: Callable, finish: Callable, markdown: Callabl
     configs, unsupported = load_arm_configs(study, args)
     for arm, reason in unsupported.items():
         print(f"[{arm}] not supported: {reason}", flush=True)
+    if not configs:
+        raise SystemExit(f"no arm to train: {', '.join(unsupported)} not supported")
     check_same_setup(study, configs)
     flops = {}
     for arm, cfg in configs.items():
