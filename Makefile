@@ -29,15 +29,18 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -q -m slow
 
-# the CPU benchmarks (minutes; raw JSON in benchmarks/): decoupled pipelines vs backprop, our step vs stock HF, our
-# data preparation vs datasets map + group_texts
+# the CPU benchmarks (minutes; raw JSON in benchmarks/): decoupled pipelines vs backprop, our step vs stock HF (each
+# arch's stock *ForMaskedLM), our data preparation vs datasets map + group_texts
 bench: venv
 	$(PY) scripts/benchmark.py decouple --synthetic
 	$(PY) scripts/benchmark.py step --preset compare-cpu --objective mlm span electra --device cpu
+	$(PY) scripts/benchmark.py step --preset compare-cpu --arch roberta modernbert --objective mlm span --device cpu \
+		--out benchmarks/step-archs-$(BENCH_DAY).json
 	$(PY) scripts/benchmark.py data
 
 # on a CUDA machine (`make bench-gpu TORCH=torch`): the GPU checks, then DESIGN §6's step and e2e suites (the
-# stock transformers step vs ours in one process; every arm compiles its step first); raw JSON in
+# stock transformers step vs ours in one process; every arm compiles its step first), last the step suite of the
+# other archs (each arch's stock *ForMaskedLM vs ours, bert-base widths; issue 20 item 5); raw JSON in
 # benchmarks/gpu-*.json, to be written up in benchmarks/RESULTS.md
 BENCH_DAY := $(shell date +%F)
 bench-gpu: venv
@@ -52,6 +55,8 @@ bench-gpu: venv
 		--out benchmarks/gpu-step-electra-small-$(BENCH_DAY).json
 	$(PY) scripts/benchmark.py e2e --preset bert-base --seq 128 --batch 256 --steps 50 --workers 8 \
 		--objective mlm span electra --out benchmarks/gpu-e2e-$(BENCH_DAY).json
+	$(PY) scripts/benchmark.py step --preset bert-base --seq 128 --batch 256 --compile --arch roberta modernbert \
+		--objective mlm span --ours eager compiled fast --out benchmarks/gpu-step-archs-s128-$(BENCH_DAY).json
 
 clean-demo:
 	rm -rf runs/tiny

@@ -3,7 +3,8 @@
 Each objective is a pure ``nn.Module``: ``collate(examples)`` masks on the CPU, ``build_model(model_config)`` creates
 the stock ``transformers`` model(s), ``obj(model, batch)`` returns a dict with ``loss`` and named parts.
 ``OBJECTIVES`` names each objective's class and options dataclass (the config section ``objective.<name>``);
-``register_objective`` adds one (e.g. from a test or a plugin module).
+``register_objective`` adds one (e.g. from a test or a plugin module). ``BACKBONES`` names the encoder architectures
+(``model.arch``) an objective's model is built on (``objectives.backbones``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib
 
+from .backbones import BACKBONES, backbone_of
 from .base import IGNORE_INDEX, Objective
 
 #: objective name -> (objective class, options dataclass), each a class or a "module:Class" string imported on demand
@@ -62,5 +64,5 @@ def get_objective(name: str, tokenizer, seed: int = 0, **options) -> Objective:
     return objective_class(name)(tokenizer, seed=seed, **options)
 
 
-__all__ = ["IGNORE_INDEX", "OBJECTIVES", "Objective", "get_objective", "objective_class", "options_class",
-           "register_objective", "resolve"]
+__all__ = ["BACKBONES", "IGNORE_INDEX", "OBJECTIVES", "Objective", "get_objective", "objective_class", "options_class",
+           "register_objective", "resolve", "backbone_of"]

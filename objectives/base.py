@@ -15,14 +15,17 @@ An objective is a plain ``nn.Module`` that knows nothing about processes or devi
 
 The split protocol (``pretrain.fast`` and ``pretrain.decouple`` call it and know no objective by name):
 
-* ``encoders(model) -> [nn.Module]``: the transformer stacks the fast path fuses (each has ``.encoder.layer``).
+* ``encoders(model) -> [nn.Module]``: the transformer stacks the fast path fuses (each has ``.encoder.layer``; none
+  where the arch projects query/key/value with one GEMM already, as ModernBERT does).
 * ``split_config(model)``: the HF config of the encoder that is cut into chunks; ``layers(model) -> [nn.Module]``: its
-  L transformer layers, each hidden [B, L, H] -> [B, L, H].
+  L transformer layers, each hidden [B, L, H] -> [B, L, H]; ``layer_runner(model)``: how to run them
+  (``objectives.backbones.LayerRunner``: ``context(hidden, batch)`` once per batch, e.g. the attention mask, then
+  ``run(layer, hidden, context, fused)`` per layer).
 * ``stem(model)``: chunk 0's input computation, ``forward(batch) -> (hidden [B, L, H], carry, sums, counts,
   metrics)``; ``carry`` holds the tensors of :attr:`carry` ([B, L] each), which cross every boundary with ``hidden``.
 * ``final_head(model)`` (the last chunk) and ``aux_head(config, extra_layer)`` (a fresh head of a non-final chunk,
-  optionally with one extra transformer layer): ``forward(hidden [B, L, H], mask, batch, carry) -> (sums, counts,
-  metrics)``. Stems and heads declare ``loss_parts`` (part -> (count key, weight)) and ``metric_counts`` like an
+  optionally with one extra transformer layer): ``forward(hidden [B, L, H], context, batch, carry) -> (sums, counts,
+  metrics)``, ``context`` being the layer runner's. Stems and heads declare ``loss_parts`` (part -> (count key, weight)) and ``metric_counts`` like an
   objective; a chunk combines their sums with ``reduce(..., parts=...)``.
 * ``prepare_split(model, chunks)``: adapt the model before it is cut (e.g. untie what two chunks would share);
   ``export_copy(model)``: a copy of the stitched model ready for ``export``.
@@ -74,7 +77,8 @@ def bert_init_(module: nn.Module, std: float) -> nn.Module:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:  # ModernBERT's LayerNorms have none
+                nn.init.zeros_(m.bias)
     return module
 
 
@@ -98,6 +102,8 @@ class Objective(nn.Module):
     """Base class: tokenizer bookkeeping, padding/stacking and token-exact loss reduction."""
 
     name: str = "objective"
+    #: the ``model.arch`` values (``objectives.backbones.BACKBONES``) this objective trains; None: every one
+    archs: tuple[str, ...] | None = None
     #: part name -> (count key, weight); ``loss`` = sum_p weight_p * sum_p / normaliser[count key]
     loss_parts: dict[str, tuple[str, float]] = {}
     #: logged metric -> count key it is averaged over (the trainer weights means by these counts)
@@ -275,6 +281,9 @@ class Objective(nn.Module):
         raise NotImplementedError
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def layer_runner(self, model: nn.Module):
         raise NotImplementedError
 
     def stem(self, model: nn.Module) -> nn.Module:

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from pretrain.fast import run_layer
 from pretrain.metrics import ROC_PREFIX, roc_histogram
 
+from .backbones import LayerRunner
 from .base import IGNORE_INDEX, Objective, bert_init_, build_options, encoder_attention_mask
 from .mlm import MLMConfig, select_tokens
 
@@ -312,6 +313,8 @@ class ElectraObjective(Objective):
     """Replaced-token detection with a jointly trained MLM generator (model: :class:`ElectraPretrainingModel`)."""
 
     name = "electra"
+    #: the generator and discriminator are ELECTRA's BERT-shaped classes (``ElectraForMaskedLM``/``ForPreTraining``)
+    archs = ("bert",)
     metric_counts = {
         "gen_loss": "n_masked",
         "gen_acc": "n_masked",
@@ -479,6 +482,9 @@ class ElectraObjective(Objective):
 
     def layers(self, model: ElectraPretrainingModel) -> list[nn.Module]:
         return list(model.discriminator.electra.encoder.layer)
+
+    def layer_runner(self, model: ElectraPretrainingModel) -> LayerRunner:
+        return LayerRunner(model.discriminator.config)
 
     def stem(self, model: ElectraPretrainingModel) -> nn.Module:
         return ElectraStem(model, self)

@@ -6,22 +6,24 @@ words (``whole_word``). Of the selected tokens, ``mask_token_prob`` become [MASK
 non-special token, the rest stay unchanged. The prediction head is sparse: hidden states are gathered at the
 selected positions before the vocabulary projection, so no [B, L, V] tensor is ever built.
 
-Split protocol (``objectives.base``): the stem is BERT's embeddings, the cut layers ``model.bert.encoder.layer``, the
-final head ``model.cls``; a non-final chunk gets :class:`LocalMLMHead`. With K > 1 the decoder is untied from the word
-embeddings (chunk 0 owns them) and starts as a copy of them.
+The model is the stock ``*ForMaskedLM`` of ``model.arch`` (``objectives.backbones``: BERT, RoBERTa, ModernBERT);
+every part of it is reached through its backbone.
+
+Split protocol (``objectives.base``): the stem is the backbone's embeddings, the cut layers its layer list (run by its
+:class:`~objectives.backbones.LayerRunner`), the final head its final norm and MLM head; a non-final chunk gets
+:class:`LocalMLMHead`. With K > 1 the decoder is untied from the word embeddings (chunk 0 owns them) and starts as a
+copy of them.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from pretrain.fast import run_layer
-
+from .backbones import backbone_of
 from .base import IGNORE_INDEX, Objective, bert_init_, build_options, encoder_attention_mask
 
 
@@ -92,7 +94,8 @@ def select_tokens(
 
 
 class BertStem(nn.Module):
-    """Chunk 0's input: token ids [B, L] -> embeddings [B, L, H] (``BertModel``'s first step); no loss, no carry."""
+    """Chunk 0's input: token ids [B, L] -> embeddings [B, L, H] (the encoder's first step: ``BertEmbeddings`` or
+    the arch's); no loss, no carry."""
 
     loss_parts: dict[str, tuple[str, float]] = {}
     metric_counts: dict[str, str] = {}
@@ -106,9 +109,10 @@ class BertStem(nn.Module):
 
 
 class LocalMLMHead(nn.Module):
-    """Auxiliary MLM head of a non-final chunk: ``[BertLayer] → dense → GeLU → LayerNorm → own decoder`` on the
-    masked positions only (sparse, [M, V] logits, gathered by ``objective.gather_index``). Never tied to the input
-    embeddings: a tied matrix would carry gradients across chunks."""
+    """Auxiliary MLM head of a non-final chunk, in the arch's style (``Backbone.extra_layer``/``aux_transform``):
+    ``[a transformer layer] → transform (BERT: dense → GeLU → LayerNorm) → own decoder`` on the masked positions only
+    (sparse, [M, V] logits, gathered by ``objective.gather_index``). Never tied to the input embeddings: a tied
+    matrix would carry gradients across chunks."""
 
     loss_parts = {"mlm_loss": ("n_masked", 1.0)}
     metric_counts = {"mlm_loss": "n_masked", "mlm_acc": "n_masked"}
@@ -116,17 +120,17 @@ class LocalMLMHead(nn.Module):
 
     def __init__(self, config, extra_layer: bool, objective: Objective):
         super().__init__()
-        from transformers.models.bert.modeling_bert import BertLayer, BertPredictionHeadTransform
-
+        backbone = backbone_of(config)
         self.gather_index = objective.gather_index  # a bound method: plain attribute, not a submodule
-        self.layer = BertLayer(config) if extra_layer else None
-        self.transform = BertPredictionHeadTransform(config)
+        self.run_layer = backbone.runner_class.run  # runs the extra layer with the chunk's layer context
+        self.layer = backbone.extra_layer(config) if extra_layer else None
+        self.transform = backbone.aux_transform(config)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         bert_init_(self, config.initializer_range)
 
-    def forward(self, hidden, mask, batch, carry):
+    def forward(self, hidden, context, batch, carry):
         if self.layer is not None:
-            hidden = run_layer(self.layer, hidden, mask, self.fused)
+            hidden = self.run_layer(self.layer, hidden, context, self.fused)
         selected = batch["labels"] != IGNORE_INDEX
         index, valid = self.gather_index(selected)
         logits = self.decoder(self.transform(hidden.flatten(0, 1)[index]))
@@ -136,17 +140,23 @@ class LocalMLMHead(nn.Module):
 
 
 class FinalMLMHead(nn.Module):
-    """The objective's own MLM head (``BertForMaskedLM.cls``) on the last chunk, with the objective's loss parts and
-    metrics: hidden [B, L, H] gathered at the M labelled positions -> [M, V] logits."""
+    """The model's own final norm and MLM head (``Backbone.final_norm``/``head``, e.g. ``BertForMaskedLM.cls``) on
+    the last chunk, with the objective's loss parts and metrics: hidden [B, L, H] gathered at the M labelled
+    positions -> [M, V] logits."""
 
-    def __init__(self, cls: nn.Module, objective: Objective):
+    def __init__(self, final_norm: nn.Module, cls: nn.Module, objective: Objective):
         super().__init__()
+        self.final_norm = final_norm
         self.cls = cls
         self.loss_parts = dict(objective.loss_parts)
         self.metric_counts = dict(objective.metric_counts)
         self.gather_index = objective.gather_index
 
-    def forward(self, hidden, mask, batch, carry):
+    def forward(self, hidden, context, batch, carry):
+        return self.mlm_parts(self.final_norm(hidden), batch)
+
+    def mlm_parts(self, hidden, batch):
+        """(sums, counts, metrics) of the MLM head on the encoder's final states [B, L, H]."""
         selected = batch["labels"] != IGNORE_INDEX
         index, valid = self.gather_index(selected)
         mlm_sum, mlm_correct = Objective.masked_lm_sums(self.cls(hidden.flatten(0, 1)[index]),
@@ -155,21 +165,11 @@ class FinalMLMHead(nn.Module):
         return {"mlm_loss": mlm_sum}, counts, {"mlm_acc": mlm_correct / counts["n_masked"].clamp(min=1)}
 
 
-def untie_decoder(model: nn.Module) -> None:
-    """Give ``BertForMaskedLM``'s decoder its own matrix (a copy of the word embeddings, so the initial model is the
-    same function) and mark the config untied, so exports reload untied."""
-    decoder = model.cls.predictions.decoder
-    embeddings = model.bert.embeddings.word_embeddings
-    if decoder.weight is embeddings.weight:
-        decoder.weight = nn.Parameter(embeddings.weight.detach().clone())
-    model.config.tie_word_embeddings = False
-
-
 # --------------------------------------------------------------------------- objective
 
 
 class MLMObjective(Objective):
-    """BERT masked language modelling with a sparse prediction head (model: ``BertForMaskedLM``)."""
+    """BERT masked language modelling with a sparse prediction head (model: the arch's ``*ForMaskedLM``)."""
 
     name = "mlm"
     loss_parts = {"mlm_loss": ("n_masked", 1.0)}
@@ -223,13 +223,14 @@ class MLMObjective(Objective):
         return {"n_masked": (batch["labels"] != IGNORE_INDEX).sum()}
 
     def forward(self, model: nn.Module, batch: Mapping[str, torch.Tensor], normalizers=None) -> dict:
-        """model: ``BertForMaskedLM``. Hidden states [B, L, H] are gathered at the M labelled positions before the
-        prediction head, giving [M, V] logits (M fixed by the block shape under ``static_shapes``)."""
+        """model: the arch's ``*ForMaskedLM``. Hidden states [B, L, H] are gathered at the M labelled positions
+        before the prediction head, giving [M, V] logits (M fixed by the block shape under ``static_shapes``)."""
+        backbone = backbone_of(model)
         mask = encoder_attention_mask(batch)
-        hidden = model.bert(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+        hidden = backbone.encoder(model)(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
         selected = batch["labels"] != IGNORE_INDEX
         index, valid = self.gather_index(selected)
-        logits = model.cls(hidden.flatten(0, 1)[index])
+        logits = backbone.head(model)(hidden.flatten(0, 1)[index])
         loss_sum, correct = self.masked_lm_sums(logits, self.gather_targets(batch["labels"], index, valid))
         counts = {"n_masked": selected.sum()}
         return self.reduce(
@@ -243,11 +244,11 @@ class MLMObjective(Objective):
 
     # ---------------------------------------------------------------- model / export
     def build_model(self, model_config) -> nn.Module:
-        from transformers import BertForMaskedLM
+        """The stock ``*ForMaskedLM`` of ``model_config.arch`` (``objectives.backbones.BACKBONES``)."""
+        from .backbones import BACKBONES
 
-        from pretrain.model import bert_config
-
-        return BertForMaskedLM(bert_config(model_config, self.vocab_size, self.pad_id))
+        ids = {"pad": self.pad_id, "cls": self.cls_id, "sep": self.sep_id}
+        return BACKBONES[model_config.arch].masked_lm(model_config, self.vocab_size, ids)
 
     def export(self, model: nn.Module, out_dir, tokenizer) -> None:
         from pretrain.hf_io import save_hf
@@ -258,35 +259,35 @@ class MLMObjective(Objective):
     synthetic_count_key = "n_masked"
 
     def encoders(self, model: nn.Module) -> list[nn.Module]:
-        return [model.bert]
+        return backbone_of(model).fused_stacks(model)
 
     def split_config(self, model: nn.Module):
         return model.config
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
-        return list(model.bert.encoder.layer)
+        return backbone_of(model).layers(model)
+
+    def layer_runner(self, model: nn.Module):
+        return backbone_of(model).runner(model)
 
     def stem(self, model: nn.Module) -> nn.Module:
-        return BertStem(model.bert.embeddings)
+        return BertStem(backbone_of(model).embeddings(model))
 
     def final_head(self, model: nn.Module) -> nn.Module:
-        return FinalMLMHead(model.cls, self)
+        backbone = backbone_of(model)
+        return FinalMLMHead(backbone.final_norm(model), backbone.head(model), self)
 
     def aux_head(self, config, extra_layer: bool) -> nn.Module:
         return LocalMLMHead(config, extra_layer, self)
 
     def input_embeddings(self, model: nn.Module) -> torch.Tensor:
-        return model.bert.embeddings.word_embeddings.weight
+        return backbone_of(model).word_embeddings(model).weight
 
     def prepare_split(self, model: nn.Module, chunks: int) -> None:
-        """K > 1: untie the decoder (:func:`untie_decoder`); chunk 0 owns the word embeddings."""
+        """K > 1: untie the decoder (``Backbone.untie``); chunk 0 owns the word embeddings."""
         if chunks > 1:
-            untie_decoder(model)
+            backbone_of(model).untie(model)
 
     def export_copy(self, model: nn.Module) -> nn.Module:
-        """A deep copy; an untied decoder also gets its own bias tensor (``transformers`` ties ``decoder.bias`` to
-        ``predictions.bias`` only with tied embeddings)."""
-        model = copy.deepcopy(model)
-        if not model.config.tie_word_embeddings:
-            model.cls.predictions.decoder.bias = nn.Parameter(model.cls.predictions.bias.detach().clone())
-        return model
+        """A deep copy ready for export (``Backbone.export_copy``: an untied decoder gets its own bias tensor)."""
+        return backbone_of(model).export_copy(model)

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .backbones import backbone_of
 from .base import IGNORE_INDEX, Objective, build_options, encoder_attention_mask
 from .mlm import FinalMLMHead, MLMObjective
 
@@ -188,7 +189,7 @@ def load_sbo_head(export_dir: str | Path, map_location: str | torch.device = "cp
 
         model = AutoModelForMaskedLM.from_pretrained(export_dir)
         head = load_sbo_head(export_dir)
-        hidden = model.bert(input_ids).last_hidden_state[0]                          # [L, H]
+        hidden = model.base_model(input_ids).last_hidden_state[0]                    # [L, H]
         logits = head.predict_span(hidden, s, e, model.get_input_embeddings().weight)  # [e - s + 1, V]
     """
     from safetensors import safe_open
@@ -205,18 +206,20 @@ def load_sbo_head(export_dir: str | Path, map_location: str | torch.device = "cp
 
 
 class FinalSpanHead(FinalMLMHead):
-    """The last chunk's head: MLM (:class:`~objectives.mlm.FinalMLMHead`) plus the SBO head, whose vocabulary matrix
-    is the decoder's (= the word embeddings when K = 1, where they are tied)."""
+    """The last chunk's head: MLM (:class:`~objectives.mlm.FinalMLMHead`) plus the SBO head on the same final
+    states, whose vocabulary matrix is the decoder's (= the word embeddings when K = 1, where they are tied)."""
 
-    def __init__(self, cls: nn.Module, objective: "SpanObjective"):
-        super().__init__(cls, objective)
+    def __init__(self, final_norm: nn.Module, cls: nn.Module, decoder: nn.Linear, objective: "SpanObjective"):
+        super().__init__(final_norm, cls, objective)
+        self.decoder = decoder
         self.sbo_head = objective.sbo_head
         self.sbo_inputs = objective.sbo_inputs  # a bound method: plain attribute, not a submodule
 
-    def forward(self, hidden, mask, batch, carry):
-        sums, counts, metrics = super().forward(hidden, mask, batch, carry)
+    def forward(self, hidden, context, batch, carry):
+        hidden = self.final_norm(hidden)
+        sums, counts, metrics = self.mlm_parts(hidden, batch)
         left, right, positions, targets = self.sbo_inputs(hidden, batch)
-        logits = self.sbo_head(left, right, positions, self.cls.predictions.decoder.weight)
+        logits = self.sbo_head(left, right, positions, self.decoder.weight)
         sums["sbo_loss"], sbo_correct = Objective.masked_lm_sums(logits, targets)
         counts["n_sbo"] = (batch["sbo_pos"] >= 0).sum()
         metrics["sbo_acc"] = sbo_correct / counts["n_sbo"].clamp(min=1)
@@ -224,7 +227,7 @@ class FinalSpanHead(FinalMLMHead):
 
 
 class SpanObjective(MLMObjective):
-    """SpanBERT: span masking + MLM + SBO (model: ``BertForMaskedLM``; the SBO head is ``self.sbo_head``)."""
+    """SpanBERT: span masking + MLM + SBO (model: the arch's ``*ForMaskedLM``; the SBO head is ``self.sbo_head``)."""
 
     name = "span"
 
@@ -404,20 +407,21 @@ class SpanObjective(MLMObjective):
         return left, right, positions, self.gather_targets(batch["labels"], index, valid)
 
     def forward(self, model: nn.Module, batch: Mapping[str, torch.Tensor], normalizers=None) -> dict:
-        """model: ``BertForMaskedLM``. MLM logits [n_masked, V] and SBO logits [n_sbo, V] are computed only at the
-        gathered positions (no [B, L, V] tensor)."""
+        """model: the arch's ``*ForMaskedLM``. MLM logits [n_masked, V] and SBO logits [n_sbo, V] are computed only
+        at the gathered positions (no [B, L, V] tensor)."""
         if self.sbo_head is None:
             raise RuntimeError("call build_model() first: it creates the SBO head")
+        backbone = backbone_of(model)
         mask = encoder_attention_mask(batch)
-        hidden = model.bert(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+        hidden = backbone.encoder(model)(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
         selected = batch["labels"] != IGNORE_INDEX
         index, valid = self.gather_index(selected)
-        mlm_sum, mlm_correct = self.masked_lm_sums(model.cls(hidden.flatten(0, 1)[index]),
+        mlm_sum, mlm_correct = self.masked_lm_sums(backbone.head(model)(hidden.flatten(0, 1)[index]),
                                                    self.gather_targets(batch["labels"], index, valid))
         left, right, positions, targets = self.sbo_inputs(hidden, batch)
         # the decoder's matrix: the word embeddings (tied), or their untied copy the last chunk of a decoupled run
         # trained (FinalSpanHead), so the stitched model computes what the chunks did (decouple.until_step)
-        sbo_logits = self.sbo_head(left, right, positions, model.cls.predictions.decoder.weight)
+        sbo_logits = self.sbo_head(left, right, positions, backbone.decoder(model).weight)
         sbo_sum, sbo_correct = self.masked_lm_sums(sbo_logits, targets)
         counts = {"n_masked": selected.sum(), "n_sbo": (batch["sbo_pos"] >= 0).sum()}
         extra = {"mlm_acc": mlm_correct / counts["n_masked"].clamp(min=1),
@@ -425,19 +429,20 @@ class SpanObjective(MLMObjective):
         return self.reduce({"mlm_loss": mlm_sum, "sbo_loss": sbo_sum}, counts, normalizers, extra)
 
     def final_head(self, model: nn.Module) -> nn.Module:
-        return FinalSpanHead(model.cls, self)
+        backbone = backbone_of(model)
+        return FinalSpanHead(backbone.final_norm(model), backbone.head(model), backbone.decoder(model), self)
 
     # ---------------------------------------------------------------- model / export
     def build_model(self, model_config) -> nn.Module:
-        """A stock ``BertForMaskedLM`` (as MLM); creates ``self.sbo_head`` sized from its config."""
+        """The arch's stock ``*ForMaskedLM`` (as MLM); creates ``self.sbo_head`` sized from its config."""
         model = super().build_model(model_config)
         cfg = model.config
         self.sbo_head = SBOHead(cfg.hidden_size, cfg.vocab_size, self.config.sbo_position_dim,
-                                self.config.sbo_max_positions, cfg.layer_norm_eps, cfg.initializer_range)
+                                self.config.sbo_max_positions, backbone_of(cfg).norm_eps(cfg), cfg.initializer_range)
         return model
 
     def export(self, model: nn.Module, out_dir, tokenizer) -> None:
-        """``out_dir``: the ``BertForMaskedLM`` + tokenizer (``AutoModelForMaskedLM`` loads it) and
+        """``out_dir``: the ``*ForMaskedLM`` + tokenizer (``AutoModelForMaskedLM`` loads it) and
         ``sbo_head.safetensors`` (read it with :func:`load_sbo_head`). Both are staged, then moved into place at once."""
         from pretrain.hf_io import replace_dir, save_hf
 

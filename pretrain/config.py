@@ -38,6 +38,10 @@ def _mode_sections() -> dict[str, type | None]:
     return {name: modes.options_class(name) for name in modes.DECOUPLING}
 
 
+def _arch_sections() -> dict[str, type | None]:
+    return {name: backbone.options for name, backbone in objectives.BACKBONES.items()}
+
+
 @dataclass
 class DataConfig:
     demo: list[str] = field(default_factory=list)
@@ -103,7 +107,11 @@ class TokenizerConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(HasSections):
+    arch: str = choice(lambda: objectives.BACKBONES, "bert")
+    """Encoder architecture, a name in ``objectives.BACKBONES``: bert (``BertForMaskedLM``), roberta
+    (``RobertaForMaskedLM``) or modernbert (``ModernBertForMaskedLM``); the fields below map onto each (README
+    "Encoder architectures"), arch-specific ones sit in the section ``model.<arch>``."""
     hidden_size: int = 128
     """Encoder width H."""
     num_layers: int = 4
@@ -126,8 +134,15 @@ class ModelConfig:
     """Fast path (pretrain/fast.py): static-shape prediction heads, fused QKV encoders without a mask on unpadded
     blocks, the step's forward torch.compile'd as one graph; same parameters and exports. null = on when
     training on CUDA (torch >= 2.7); decoupled runs apply it per chunk."""
+    sections: types.SimpleNamespace = sections(_arch_sections)
+    """The arch-specific fields of the archs that have them (``model.modernbert``: local/global attention, RoPE)."""
 
     def __post_init__(self):
+        for name, options in vars(self.sections).items():
+            changed = changed_fields(options) if name != self.arch else []
+            if changed:
+                raise ValueError(f"model.{name}.{changed[0]} is set but model.arch={self.arch}: set "
+                                 f"model.arch={name} or remove the model.{name} options")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
@@ -400,6 +415,12 @@ class Config:
                 f"data.block_size ({self.data.block_size}) exceeds model.max_position_embeddings "
                 f"({self.model.max_position_embeddings}); lower the block size or raise the position count"
             )
+        if not trains(self.objective.name, self.model.arch):
+            archs = objectives.objective_class(self.objective.name).archs
+            others = [name for name in objectives.OBJECTIVES if trains(name, self.model.arch)]
+            raise ValueError(f"objective {self.objective.name} trains model.arch {' or '.join(archs)} only, got "
+                             f"model.arch={self.model.arch}: set model.arch={archs[0]}, or objective.name "
+                             f"{' or '.join(others)}")
         d = self.decouple
         problem = d.mode != "none" and modes.unsupported(objectives.objective_class(self.objective.name), d.mode)
         if problem:  # at config time, before any data is prepared
@@ -424,6 +445,12 @@ class Config:
                              "lower it, or set it to null to stay decoupled")
         if not (self.data.demo or self.data.files or self.data.dataset):
             raise ValueError("no corpus: set data.files (local files), data.dataset (hub name) or data.demo")
+
+
+def trains(objective: str, arch: str) -> bool:
+    """Whether objective ``objective`` trains backbone ``arch`` (``Objective.archs``)."""
+    archs = objectives.objective_class(objective).archs
+    return archs is None or arch in archs
 
 
 def config_from_dict(data: dict) -> Config:
@@ -462,10 +489,16 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 
 def _with_defaults(old: dict, new: dict, cls: type) -> dict:
-    """``old`` plus the plain default of each field of dataclass ``cls`` that ``new`` has and ``old`` lacks."""
+    """``old`` plus the plain default of each field (and options section) of dataclass ``cls`` that ``new`` has and
+    ``old`` lacks."""
     hints = typing.get_type_hints(cls)
     out = dict(old)
     for f in dataclasses.fields(cls):
+        if "sections" in f.metadata:
+            for name, options in f.metadata["sections"]().items():
+                if options is not None and name in new and name not in old:
+                    out[name] = config_to_dict(options())
+            continue
         key = f.metadata.get("key", f.name)
         if key not in new:
             continue

@@ -66,6 +66,8 @@ def resolve_source(cfg):
     if hf.get("model_type") != "bert" or not any(a.endswith("ForMaskedLM") for a in hf.get("architectures") or []):
         problems.append(f"the source is a {hf.get('architectures')} ({hf.get('model_type')}) export; continued "
                         "pretraining needs a BertForMaskedLM export (objective mlm)")
+    if cfg.model.arch != "bert":
+        problems.append(f"model.arch is {cfg.model.arch}: continued pretraining supports bert only")
     if cfg.objective.name != "mlm":
         problems.append(f"objective.name is {cfg.objective.name}: continued pretraining supports mlm only")
     if cfg.decouple.mode != "none":

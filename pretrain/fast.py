@@ -12,10 +12,12 @@ What it changes, and what it keeps:
   (:func:`objectives.base.encoder_attention_mask`). HF drops an all-ones mask itself only in eager mode (with a
   host sync, ``mask.all()``); under ``torch.compile`` it keeps the [B, 1, L, L] mask, and a masked SDPA call with
   dropout cannot use the flash kernel (DESIGN.md §6 profiled it falling back to a decomposed fp32 attention).
-* Each encoder's layer stack is run by :class:`FusedEncoder`: one [3H, H] GEMM for query/key/value instead of three
+* Each BERT-shaped encoder's layer stack (BERT, RoBERTa, ELECTRA: ``Objective.encoders``) is run by
+  :class:`FusedEncoder`: one [3H, H] GEMM for query/key/value instead of three
   (the weights are concatenated inside the step, so the parameters stay HF's ``query``/``key``/``value``), then
   SDPA and HF's own output/intermediate modules. Bias + GeLU and dropout + residual + LayerNorm are left to the
-  compiler, which fuses each into one elementwise kernel.
+  compiler, which fuses each into one elementwise kernel. An arch whose layers already project query/key/value with
+  one GEMM (ModernBERT's ``Wqkv``) has no stack to fuse and keeps its layers.
 * :func:`compile_step`: the step's whole forward (encoders, prediction heads, losses and, for ELECTRA, the Gumbel
   sampling over [M, V]) is compiled as one graph with ``nn.Module.compile`` on the trainer's module, after
   accelerate has wrapped it (all three objectives trace without a graph break): the [M, V] cross-entropy and noise
@@ -71,7 +73,8 @@ def fast_enabled(model_cfg, device: torch.device) -> bool:
 
 
 class FusedEncoder(nn.Module):
-    """Runs the ``layer`` list of a ``BertEncoder``/``ElectraEncoder`` with one query/key/value GEMM per layer.
+    """Runs the ``layer`` list of a ``BertEncoder``/``RobertaEncoder``/``ElectraEncoder`` with one query/key/value
+    GEMM per layer.
 
     Holds the very same layer modules under the same attribute name, so every parameter keeps its HF name
     (``encoder.layer.{i}.attention.self.query.weight`` ...) and the exported checkpoint is unchanged. Computes what
@@ -110,7 +113,7 @@ class FusedEncoder(nn.Module):
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, mask, fused: bool) -> torch.Tensor:
-    """One HF ``BertLayer``/``ElectraLayer`` on hidden [B, L, H]; ``fused`` (the fast path): through
+    """One HF ``BertLayer``/``RobertaLayer``/``ElectraLayer`` on hidden [B, L, H]; ``fused`` (the fast path): through
     :meth:`FusedEncoder.layer_forward` (one query/key/value GEMM, the same parameters)."""
     return FusedEncoder.layer_forward(layer, hidden, mask) if fused else layer(hidden, mask)
 

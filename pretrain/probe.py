@@ -80,21 +80,17 @@ def build_probe(cfg, objective, tokenizer, device) -> ProbeSet | None:
 @torch.no_grad()
 def probe_layers(probe: ProbeSet, objective, model, layers) -> dict[str, float]:
     """``probe_acc_layer{n}`` of an end-to-end ``model`` for each layer number in ``layers`` (``all``: every
-    one), through the objective's stem and layers (in the model's current train/eval mode)."""
-    from objectives.base import layer_attention_mask
-
-    from .fast import run_layer
-
-    stem, blocks, config = objective.stem(model), objective.layers(model), objective.split_config(model)
+    one), through the objective's stem, layers and layer runner (in the model's current train/eval mode)."""
+    stem, blocks, runner = objective.stem(model), objective.layers(model), objective.layer_runner(model)
     wanted = range(1, len(blocks) + 1) if layers == "all" else layers
     if max(wanted) > len(blocks):
         raise ValueError(f"train.probe.layers {list(wanted)}: the model has {len(blocks)} layers")
     pooled: dict[int, list[torch.Tensor]] = {n: [] for n in wanted}
     for batch in probe.batches:
         hidden = stem(batch)[0]
-        mask = layer_attention_mask(config, hidden, batch)
+        context = runner.context(hidden, batch)
         for n, layer in enumerate(blocks[:max(wanted)], 1):
-            hidden = run_layer(layer, hidden, mask, False)
+            hidden = runner.run(layer, hidden, context)
             if n in pooled:
                 pooled[n].append(mean_pool(hidden, batch["attention_mask"]))
     return {f"probe_acc_layer{n}": probe.score(p) for n, p in pooled.items()}

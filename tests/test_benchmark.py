@@ -45,6 +45,29 @@ def test_step_suite_runs_every_arm_with_equal_first_losses(benchmark, tmp_path, 
         assert base["ratio"] == 1.0
 
 
+#: the stock class each arch's baseline trains (model.arch -> *ForMaskedLM)
+STOCK = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM", "modernbert": "ModernBertForMaskedLM"}
+
+
+@pytest.mark.parametrize("arch", list(STOCK))
+def test_step_suite_baseline_is_the_stock_masked_lm_of_the_arch(benchmark, tmp_path, one_thread, arch):
+    """--arch: the baseline is that arch's stock *ForMaskedLM(labels=...), ours the trainer's step on the same model;
+    both first losses finite and equal (same weights, eval mode), the ratio the baseline's step time over ours."""
+    out = tmp_path / "step.json"
+    argv = ["step", "--arch", arch, "--objective", "mlm", "span", "--preset", "tiny", "--seq", "32", "--batch", "4",
+            "--ours", "eager", "--steps", "2", "--repeat", "1", "--warmup", "1", "--threads", "1", "--device", "cpu",
+            "--out", str(out)]
+    assert benchmark.main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["arch"], r["objective"], r["arm"]) for r in rows] == [
+        (arch, o, a) for o in ("mlm", "span") for a in ("baseline", "ours")]
+    for base, ours in zip(rows[::2], rows[1::2]):
+        assert base["what"].startswith(f"stock {STOCK[arch]}(labels=...) (full-vocabulary logits)")
+        assert math.isfinite(base["first_mlm_loss"]) and math.isfinite(ours["first_mlm_loss"])
+        assert base["first_mlm_loss"] == pytest.approx(ours["first_mlm_loss"], abs=1e-5)
+        assert ours["ratio"] == pytest.approx(base["step_ms"] / ours["step_ms"]) and base["ratio"] == 1.0
+
+
 def test_state_bytes_counts_parameters_and_optimizer_state_once():
     import torch
 

@@ -241,3 +241,52 @@ def test_evaluate_cli_prints_one_json_object(tok, mlm_export, heldout_files, tmp
     # no corpus and no config beside the export: a clear error, exit status 2
     assert script.main([str(export), "--tasks", "mlm"]) == 2
     assert "--config" in capsys.readouterr().err
+
+
+def stock_masked_lm(arch: str, tok):
+    """A tiny stock RoBERTa / ModernBERT ``*ForMaskedLM`` on the test tokenizer (the registry's exports are these
+    classes): neither takes token_type_ids; RoBERTa numbers its positions from pad_id + 1."""
+    from transformers import ModernBertConfig, ModernBertForMaskedLM, RobertaConfig, RobertaForMaskedLM
+
+    shape = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    if arch == "roberta":
+        return RobertaForMaskedLM(RobertaConfig(max_position_embeddings=64 + tok.pad_token_id + 1, type_vocab_size=1,
+                                                **shape)).eval()
+    return ModernBertForMaskedLM(ModernBertConfig(max_position_embeddings=64, local_attention=16,
+                                                  bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                                                  cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id,
+                                                  **shape)).eval()
+
+
+@pytest.mark.parametrize("arch", ["roberta", "modernbert"])
+def test_roberta_and_modernbert_exports_are_scored(arch, tok, tmp_path, heldout_files):
+    """The export's own class and base model; its MLM loss equals the stock model's labels= loss on the same masks;
+    the probe's padded batches give each gloss the features it has alone (the padding mask reaches the encoder)."""
+    from objectives import get_objective
+    from pretrain.evaluation import encode_texts
+    from pretrain.hf_io import save_hf
+
+    model = stock_masked_lm(arch, tok)
+    save_hf(model, tmp_path / "export", tok)
+    options = EvalOptions(probe_train=100, probe_test=50)
+    result = evaluate_export(tmp_path / "export", options, data_files=[str(heldout_files / "heldout.txt")],
+                             block_size=64, cache_dir=str(tmp_path / "cache"),
+                             probe_examples=synthetic_labelled(150, seed=1))
+    assert result["model_class"] == type(model).__name__ and result["kind"] == "mlm"
+    assert result["encoder_parameters"] == sum(p.numel() for p in model.base_model.parameters())
+    assert result["span_infilling"]["n_spans"] > 0 and 0.0 <= result["probe"]["accuracy"] <= 1.0
+
+    examples = [dict(e, index=i) for i, e in enumerate(packed_examples(tok, 6, length=48, seed=5))]
+    got = masked_lm(model, tok, HeldOut(examples, None, {}), seed=5, batch_size=6)
+    batch = get_objective("mlm", tok, seed=5).collate(examples)
+    with torch.no_grad():
+        stock = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    assert got["n_masked"] == int((batch["labels"] != -100).sum()) > 0
+    assert got["loss"] == pytest.approx(float(stock.loss), abs=1e-5)
+
+    texts = ["the fox", "seven wizards quietly box jovial nymphs under bright stars", "river valley"]
+    padded = encode_texts(model.base_model, tok, texts, batch_size=3)
+    alone = np.concatenate([encode_texts(model.base_model, tok, [t]) for t in texts])
+    np.testing.assert_allclose(padded, alone, atol=1e-5)

@@ -35,6 +35,7 @@ RULES = [
     *[(f"5 leaf {leaf} -> pretrain", [leaf], ["pretrain"], [leaf]) for leaf in LEAVES],
     ("6 library -> scripts/tests", ["pretrain", "objectives"], ["scripts", "tests"], []),
     ("6 scripts -> tests", ["scripts"], ["tests"], []),
+    ("7 backbones -> an objective", ["objectives.backbones"], ["objectives.*"], ["objectives.base"]),
 ]
 
 

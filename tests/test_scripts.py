@@ -24,7 +24,8 @@ def run_script(script: Path, *args, timeout: int = 300) -> subprocess.CompletedP
 
 def test_scripts_are_all_found():
     names = {p.name for p in SCRIPTS}
-    assert {"pretrain.py", "export.py", "evaluate.py", "compare_objectives.py", "demo_check.py"} <= names
+    assert {"pretrain.py", "export.py", "evaluate.py", "compare_objectives.py", "compare_archs.py",
+            "demo_check.py"} <= names
     assert (ROOT / "scripts" / "pretrain.py" / "__main__.py").is_file()
 
 

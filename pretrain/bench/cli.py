@@ -10,7 +10,8 @@ Suites (subcommands):
   the loop, metrics) against its own step strategy on pre-collated batches of the same blocks, in one process; ``ratio``
   = end-to-end tok/s over pure-step tok/s (target >= 0.95).
 * ``step``: DESIGN.md §6. One optimizer step of the stock ``transformers`` recipe a user would write (the
-  baseline: ``BertForMaskedLM(labels=...)`` / ``ElectraForMaskedLM`` + ``ElectraForPreTraining`` with
+  baseline: the ``--arch``'s stock ``*ForMaskedLM(labels=...)`` (``BertForMaskedLM``, ``RobertaForMaskedLM``,
+  ``ModernBertForMaskedLM``; MLM and SpanBERT) / ``ElectraForMaskedLM`` + ``ElectraForPreTraining`` with
   full-vocabulary logits, SDPA, AdamW (fused on CUDA), clip 1.0, bf16 autocast on CUDA, ``torch.compile`` with
   ``--compile``) against the trainer's own step (``BackpropStep``: the objective's sparse heads, token-exact
   accumulation, clipping, the finite check, the same optimizer) on the same model shape, batch and precision, in
@@ -23,9 +24,10 @@ Suites (subcommands):
   12·layers·hidden·seq FLOPs per token, N the non-embedding parameters of the encoder(s); null on CPUs), the arm's
   own peak memory (CUDA only: its parameters and optimizer state plus the peak its steps allocate on top, so the
   other arms' weights do not count; null on CPU), ``peak_mem_ratio`` to the baseline's and ``ratio`` = tok/s over
-  the baseline's. Every arm's MLM (generator) loss on the first batch, from identical weights in eval mode, is
-  recorded with its relative difference to the baseline's (``first_loss_rel_diff``): they must agree (fp32: to
-  rounding; bf16: to a few 2**-8). Masking uses a static count per block for all arms (as BERT's reference pipeline).
+  the baseline's; each row names its ``arch``. Every arm's MLM (generator) loss on the first batch, from identical
+  weights in eval mode, is recorded with its relative difference to the baseline's (``first_loss_rel_diff``): they
+  must agree (fp32: to rounding; bf16: to a few 2**-8). Masking uses a static count per block for all arms (as
+  BERT's reference pipeline).
 
 * ``decouple``: DESIGN.md §4 invariant (4). Local-update (and, with ``--synthetic``, synthetic-gradient with
   staleness ``--staleness``) pipelines of K processes (``torchrun``, gloo on CPU /
@@ -64,6 +66,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from objectives import BACKBONES
 
 from ..config import usable_cores
 from .common import PRESETS, default_out
@@ -116,6 +120,9 @@ def main(argv=None) -> int:
 
     st = sub.add_parser("step", help="the trainer's step vs the stock transformers step, same process")
     model_args(st, "step", 10, "timed steps per round")
+    st.add_argument("--arch", nargs="+", choices=list(BACKBONES), default=["bert"],
+                    help="model.arch of the model (each arch its own rows); the baseline is that arch's stock "
+                         "*ForMaskedLM")
     st.add_argument("--warmup", type=int, default=3, help="untimed steps per arm before the rounds")
     st.add_argument("--compile", action="store_true", help="torch.compile the baseline's loss function")
     st.add_argument("--ours", nargs="+", choices=list(OUR_VARIANTS), default=None,

@@ -1,6 +1,7 @@
 """The ``step`` suite (DESIGN.md §6): one optimizer step of the stock ``transformers`` recipe a user would write
-against the trainer's own step (``pretrain.steps.backprop.BackpropStep``) in one or more variants that switch the
-fast path's levers one by one. See ``pretrain.bench.cli`` for the protocol."""
+(the ``--arch``'s own ``*ForMaskedLM(labels=...)``) against the trainer's own step
+(``pretrain.steps.backprop.BackpropStep``) on the same model, in one or more variants that switch the fast path's
+levers one by one. See ``pretrain.bench.cli`` for the protocol."""
 
 from __future__ import annotations
 
@@ -12,23 +13,27 @@ import typing
 
 from .common import PRESETS, RandomTokenizer, environment, random_blocks, seconds_per_step
 
-BASELINES = {
-    "mlm": "stock BertForMaskedLM(labels=...) (full-vocabulary logits), clip, AdamW",
-    "span": "stock BertForMaskedLM(labels=...) on the span-masked batch; no SBO head (transformers has none), so "
-            "the ratio understates ours, which also computes the SBO loss",
-    "electra": "StockElectra: ElectraForMaskedLM(labels=...) full logits, torch.multinomial replacements, "
-               "ElectraForPreTraining(labels=...), clip, AdamW",
-}
+
+def baseline_what(objective: str, stock) -> str:
+    """The baseline row's description: the stock class of the arch (``stock``: the model it trains)."""
+    if objective == "electra":
+        return ("StockElectra: ElectraForMaskedLM(labels=...) full logits, torch.multinomial replacements, "
+                "ElectraForPreTraining(labels=...), clip, AdamW")
+    what = f"stock {type(stock).__name__}(labels=...) (full-vocabulary logits), clip, AdamW"
+    if objective == "span":
+        what += (" on the span-masked batch; no SBO head (transformers has none), so the ratio understates ours, "
+                 "which also computes the SBO loss")
+    return what
 
 
-def step_config(args, objective: str, device):
+def step_config(args, objective: str, arch: str, device):
     from pretrain.config import config_from_dict
 
     hidden, layers, heads, intermediate, _, embedding = PRESETS[args.preset]
     return config_from_dict({
         "output_dir": "unused",
         "data": {"files": ["random-tokens"], "block_size": args.seq, "num_workers": 0},
-        "model": {"hidden_size": hidden, "num_layers": layers, "num_heads": heads,
+        "model": {"arch": arch, "hidden_size": hidden, "num_layers": layers, "num_heads": heads,
                   "intermediate_size": intermediate, "max_position_embeddings": max(512, args.seq),
                   "embedding_size": embedding, "hidden_dropout": 0.1, "attention_dropout": 0.1},
         # a static masked count per block, as BERT's reference data pipeline (and the fast path's static shapes)
@@ -122,8 +127,9 @@ def our_arm(cfg, model, objective, variant: Variant, device, evaluated, key: str
             "first_loss": lambda b: evaluated([module], lambda: module(to_device(b, device))[key])}
 
 
-def step_arms(args, objective_name: str, device):
-    """The arms on the same initial weights: ``baseline`` and one ``ours:<variant>`` per ``--ours`` variant, each a
+def step_arms(args, objective_name: str, arch: str, device):
+    """The arms on the same initial weights: ``baseline`` (the stock step of ``arch``'s ``*ForMaskedLM``, or the
+    stock ELECTRA pair) and one ``ours:<variant>`` per ``--ours`` variant (the trainer's step on the same model), each a
     dict with ``step`` (one optimizer step on a micro-batch), ``first_loss(batch)`` (the MLM/generator loss, eval
     mode; call it before any step) and ``state()`` (bytes of its parameters and optimizer state)."""
     import torch
@@ -131,7 +137,7 @@ def step_arms(args, objective_name: str, device):
     from objectives import get_objective
     from pretrain.data.stream import to_device
 
-    cfg = step_config(args, objective_name, device)
+    cfg = step_config(args, objective_name, arch, device)
     vocab = PRESETS[args.preset][4]
     tok = RandomTokenizer(vocab)
     torch.manual_seed(0)
@@ -191,7 +197,7 @@ def step_arms(args, objective_name: str, device):
                 "first_loss": lambda b: evaluated(stock_modules, lambda: baseline_loss(to_device(b, device))[1])}
     arms = {"baseline": baseline, **arms}
     n_params = sum(p.numel() for m in stock_modules for n, p in m.named_parameters() if "embeddings" not in n)
-    return cfg, objective, arms, n_params
+    return cfg, objective, arms, n_params, baseline_what(objective_name, stock)
 
 
 def suite_step(args) -> list[dict]:
@@ -207,8 +213,8 @@ def suite_step(args) -> list[dict]:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     env = environment(args.device)
     rows = []
-    for objective_name in args.objective:
-        cfg, objective, arms, n_params = step_arms(args, objective_name, device)
+    for arch, objective_name in ((a, o) for a in args.arch for o in args.objective):
+        cfg, objective, arms, n_params, stock_what = step_arms(args, objective_name, arch, device)
         batches = [objective.collate(b) for b in random_blocks(8, args.batch, args.seq, PRESETS[args.preset][4])]
         first_loss = {arm: a["first_loss"](batches[0]) for arm, a in arms.items()}
         times: dict[str, list[float]] = {arm: [] for arm in arms}
@@ -233,8 +239,8 @@ def suite_step(args) -> list[dict]:
         for name in arms:
             arm, _, variant = name.partition(":")
             row = {"suite": "step", "arm": arm, "variant": variant or None,
-                   "what": BASELINES[objective_name] if arm == "baseline" else OUR_VARIANTS[variant].what,
-                   "objective": objective_name, "preset": args.preset,
+                   "what": stock_what if arm == "baseline" else OUR_VARIANTS[variant].what,
+                   "arch": arch, "objective": objective_name, "preset": args.preset,
                    "seq": args.seq, "batch": args.batch, "precision": cfg.train.precision,
                    "compile_baseline": bool(args.compile), "tok_per_s": tokens / step_s[name],
                    "step_ms": 1000 * step_s[name], "step_ms_rounds": [1000 * t for t in times[name]],

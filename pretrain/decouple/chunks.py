@@ -1,7 +1,9 @@
 """Cutting an encoder into K chunks trained by local losses (DESIGN.md §4, ``decouple.mode: local``).
 
 The encoder the objective names (``Objective.split_config``/``layers``: embeddings + L transformer layers) is cut
-into K contiguous chunks. Chunk k owns its layers (chunk 0 also the objective's ``stem``) and a head:
+into K contiguous chunks; every chunk runs its layers with the objective's ``layer_runner`` (the model's backbone,
+``objectives.backbones``), whose per-batch context is built from absolute positions 0..L-1 and each layer's own
+attention type, so a layer computes in its chunk what it computes in the whole model (RoPE, local/global attention). Chunk k owns its layers (chunk 0 also the objective's ``stem``) and a head:
 
 * chunks 0..K-2: an **auxiliary head** with its own parameters (``Objective.aux_head``), never tied to anything
   another chunk owns: a shared tensor would carry gradients across chunks.
@@ -24,9 +26,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from objectives.base import Objective, layer_attention_mask
+from objectives.base import Objective
 
-from ..fast import run_layer
 from .modes import stage_class, unsupported
 from .ranges import layer_ranges
 
@@ -46,16 +47,18 @@ class Chunk(nn.Module):
     ``metric_counts``). ``with_head=False`` skips the head (frozen chunks of the control run): ``out`` is empty.
     ``boundary_grads=True`` (synthetic gradients) keeps both ends differentiable: ``inputs["hidden"]`` is used as
     given (the caller passes a leaf and reads its ``.grad``) and the returned hidden states keep their graph.
-    ``fused`` (the fast path, :func:`pretrain.fast.apply_fast_path_to_chunks`): layers run through FusedEncoder.
+    ``fused`` (the fast path, :func:`pretrain.fast.apply_fast_path_to_chunks`): layers run through FusedEncoder
+    (where the arch does not fuse query/key/value itself). ``runner``: the objective's ``layer_runner``.
     ``objective`` gives the loss reduction (``Objective.reduce`` over the stem's and head's ``loss_parts``)."""
 
     fused = False
 
-    def __init__(self, index: int, num_chunks: int, config, stem: nn.Module | None, layers: list[nn.Module],
+    def __init__(self, index: int, num_chunks: int, config, runner, stem: nn.Module | None, layers: list[nn.Module],
                  head: nn.Module, layer_range: tuple[int, int], objective: Objective):
         super().__init__()
         self.index, self.num_chunks, self.layer_range = index, num_chunks, layer_range
         self.config = config
+        self.runner = runner  # a plain object (no parameters)
         self.stem = stem
         self.layers = nn.ModuleList(layers)
         self.head = head
@@ -70,8 +73,9 @@ class Chunk(nn.Module):
         self.metric_counts = counts
 
     def attention_mask(self, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]):
-        """The layers' attention mask for ``batch`` (``objectives.base.layer_attention_mask``)."""
-        return layer_attention_mask(self.config, hidden, batch)
+        """The layers' context for ``batch`` (``LayerRunner.context``): the attention mask of BERT-shaped layers;
+        ModernBERT's masks and RoPE tables per attention type."""
+        return self.runner.context(hidden, batch)
 
     def forward(self, batch: Mapping[str, torch.Tensor], inputs: dict[str, torch.Tensor] | None, normalizers=None,
                 with_head: bool = True, boundary_grads: bool = False):
@@ -87,7 +91,7 @@ class Chunk(nn.Module):
             sums, counts, metrics, parts = {}, {}, {}, {}
         mask = self.attention_mask(hidden, batch)
         for layer in self.layers:
-            hidden = run_layer(layer, hidden, mask, self.fused)
+            hidden = self.runner.run(layer, hidden, mask, self.fused)
         if not with_head:  # the frozen-random control: features only
             return {"hidden": hidden.detach().float(), **carry}, {}
         head_sums, head_counts, head_metrics = self.head(hidden, mask, batch, carry)
@@ -129,7 +133,7 @@ class ChunkedModel(nn.Module):
         self.aux_head = decouple_cfg.aux_head
         k_total = decouple_cfg.chunks
         objective.prepare_split(model, k_total)
-        layers, config = objective.layers(model), objective.split_config(model)
+        layers, config, runner = objective.layers(model), objective.split_config(model), objective.layer_runner(model)
         self.ranges = layer_ranges(len(layers), k_total, decouple_cfg.boundaries)
         self.model = model
         self.objective = objective
@@ -139,7 +143,7 @@ class ChunkedModel(nn.Module):
         chunks = []
         for k, (start, stop) in enumerate(self.ranges):
             head = final if k == k_total - 1 else (self.aux[k] if len(self.aux) else NoHead())
-            chunks.append(Chunk(k, k_total, config, stem if k == 0 else None, layers[start:stop], head, (start, stop),
+            chunks.append(Chunk(k, k_total, config, runner, stem if k == 0 else None, layers[start:stop], head, (start, stop),
                                 objective))
         # a plain list: the chunks are views of the modules above, not separately registered parameters
         self.chunks: list[Chunk] = chunks

@@ -82,7 +82,7 @@ class Stage:
         self.pending: collections.deque = collections.deque()
 
     #: the split-protocol members of ``objectives.base.Objective`` this mode needs the objective to provide
-    requires = ("split_config", "layers", "stem", "final_head", "aux_head")
+    requires = ("split_config", "layers", "layer_runner", "stem", "final_head", "aux_head")
     #: why, in words, named when an objective does not provide them
     needs = ""
 

@@ -20,7 +20,6 @@ true gradient is due. M_k runs in fp32 with autocast off: it is small, and its r
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,6 +27,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from objectives.backbones import backbone_of
 from objectives.base import IGNORE_INDEX, bert_init_
 
 from ..checkpoint import load_tensors, loading
@@ -87,11 +87,12 @@ SYNTHETIC_FILE, SYNTHETIC_EXPORT_FILE = "synthetic.safetensors", "synthetic_grad
 
 
 class SyntheticGradient(nn.Module):
-    """M_k: (h [B, L, H] fp32, labels [B, L], layer attention mask) -> predicted scaled dL/dh [B, L, H] fp32.
+    """M_k: (h [B, L, H] fp32, labels [B, L], the chunk's layer context) -> predicted scaled dL/dh [B, L, H] fp32.
 
     Input: h, concatenated with a LayerNorm'd embedding of the target id when ``context == "labels"`` (own table
     initialised from the word embeddings, whose copy is the last chunk's decoder; one extra row for "no target").
-    Body: ``arch`` (linear: none; mlp: dense 2H + GeLU; layer: dense to H + one transformer layer without dropout).
+    Body: ``arch`` (linear: none; mlp: dense 2H + GeLU; layer: dense to H + one transformer layer of the model's arch
+    without dropout).
     The output projection starts at zero, so M_k first predicts "no gradient" (the frozen lower chunk)."""
 
     def __init__(self, config, arch: str, context: str, word_embeddings: torch.Tensor):
@@ -108,11 +109,10 @@ class SyntheticGradient(nn.Module):
             self.body = nn.Sequential(nn.Linear(width, 2 * h), nn.GELU())
             width = 2 * h
         elif arch == "layer":
-            from transformers.models.bert.modeling_bert import BertLayer
-
-            quiet = copy.deepcopy(config)
-            quiet.hidden_dropout_prob = quiet.attention_probs_dropout_prob = 0.0  # no RNG draws: runtime-independent
-            self.proj, self.body = nn.Linear(width, h), BertLayer(quiet)
+            backbone = backbone_of(config)
+            self.run_layer = backbone.runner_class.run  # with the chunk's layer context
+            # no dropout, so no RNG draws: runtime-independent
+            self.proj, self.body = nn.Linear(width, h), backbone.extra_layer(config, dropout=False)
             width = h
         self.out = nn.Linear(width, h)
         bert_init_(self, config.initializer_range)
@@ -132,7 +132,7 @@ class SyntheticGradient(nn.Module):
             if self.arch == "mlp":
                 x = self.body(x)
             elif self.arch == "layer":
-                x = self.body(self.proj(x), mask)
+                x = self.run_layer(self.body, self.proj(x), mask)
             return self.out(x)
 
 
@@ -198,7 +198,8 @@ class SyntheticStage(Stage):
         #: running RMS of δ·c (``target_scale: rms``): M_k's targets are δ·c / target_rms, O(1) per element
         self.target_rms: torch.Tensor | None = None
 
-    requires = ("split_config", "layers", "stem", "final_head", "input_embeddings", "synthetic_count_key")
+    requires = ("split_config", "layers", "layer_runner", "stem", "final_head", "input_embeddings",
+                "synthetic_count_key")
     needs = " (its modules condition on masked-token labels)"
 
     @staticmethod
