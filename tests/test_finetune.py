@@ -177,3 +177,30 @@ def test_bbc_task_is_deduplicated_and_split_the_same_way_every_time():
     again = bbc_news()
     assert [e["text"][:50] for e in again.eval] == [e["text"][:50] for e in data.eval]
     assert isinstance(data, LabelledData) and {e["label"] for e in data.eval} == set(range(5))
+
+
+@pytest.mark.parametrize("arch, stock", [("roberta", "RobertaForSequenceClassification"),
+                                         ("modernbert", "ModernBertForSequenceClassification")])
+def test_roberta_and_modernbert_exports_finetune(arch, stock, tmp_path):
+    """An MLM export of each non-BERT arch fine-tunes through the HF Trainer into the arch's stock classifier, whose
+    encoder starts from the exported weights."""
+    from transformers import AutoModelForSequenceClassification
+
+    from objectives import get_objective
+    from pretrain.hf_io import save_hf
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    model = get_objective("mlm", tok).build_model(tiny_model_config(arch=arch))
+    save_hf(model, tmp_path / "export", tok)
+    topics = list(TOPICS)
+    data = LabelledData(name="topics", labels=topics,
+                        train=[dict(r, label=topics.index(r["label"])) for r in labelled_rows(12, 0)],
+                        eval=[dict(r, label=topics.index(r["label"])) for r in labelled_rows(6, 1)])
+    results = finetune(tmp_path / "export", data, tmp_path / "ft", max_steps=2, batch_size=4, lr=1e-3)
+    assert 0.0 <= results["accuracy"] <= 1.0 and results["steps"] == 2
+    tuned = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "ft"))
+    assert type(tuned).__name__ == stock and tuned.config.num_labels == 3
+    start = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "export"), num_labels=3)
+    embeddings = start.get_input_embeddings().weight
+    assert torch.equal(embeddings, model.get_input_embeddings().weight.detach())  # loaded, not re-initialised
