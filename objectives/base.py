@@ -104,8 +104,6 @@ class Objective(nn.Module):
     name: str = "objective"
     #: the ``model.arch`` values (``objectives.backbones.BACKBONES``) this objective trains; None: every one
     archs: tuple[str, ...] | None = None
-    #: the archs whose decoupled training (``decouple.mode`` other than none) it supports; None: all of ``archs``
-    split_archs: tuple[str, ...] | None = None
     #: part name -> (count key, weight); ``loss`` = sum_p weight_p * sum_p / normaliser[count key]
     loss_parts: dict[str, tuple[str, float]] = {}
     #: logged metric -> count key it is averaged over (the trainer weights means by these counts)

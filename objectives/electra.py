@@ -35,10 +35,11 @@ the same replacement tokens whatever the batch it sits in, the number of process
 generator logits.
 
 Split protocol (``objectives.base``, ``decouple.mode: local`` only: synthetic-gradient modules condition on
-masked-token labels): the discriminator is the encoder that is cut. The generator runs inside chunk 0
-(:class:`ElectraStem`; it shares the embeddings, which chunk 0 owns), which therefore also sends the "replaced"
-labels it sampled ([B, L] uint8) along with the activations: no other chunk could compute them. Non-final chunks get
-:class:`LocalRTDHead`, the last one the discriminator's own head (:class:`FinalRTDHead`).
+masked-token labels): the discriminator is the encoder that is cut (its layers run by the arch's layer runner). The
+generator runs inside chunk 0 (:class:`ElectraStem`; it shares the embeddings, which chunk 0 owns), which therefore
+also sends the "replaced" labels it sampled ([B, L] uint8) along with the activations: no other chunk could compute
+them. Non-final chunks get :class:`LocalRTDHead` (bert) or :class:`LocalTokenRTDHead` (roberta/modernbert, in the
+arch's style), the last one the discriminator's own head (:class:`FinalRTDHead`).
 """
 
 from __future__ import annotations
@@ -291,8 +292,11 @@ class ElectraStem(nn.Module):
     def __init__(self, model: ElectraPretrainingModel, objective: "ElectraObjective"):
         super().__init__()
         self.generator = model.generator
-        self.embeddings = model.discriminator.electra.embeddings
-        self.project = getattr(model.discriminator.electra, "embeddings_project", None)
+        if is_electra(model.discriminator):
+            self.embeddings = model.discriminator.electra.embeddings
+            self.project = getattr(model.discriminator.electra, "embeddings_project", None)
+        else:
+            self.embeddings, self.project = backbone_of(model.discriminator).embeddings(model.discriminator), None
         self.generate = objective.generate  # a bound method: plain attribute, not a submodule
         self.loss_parts = {"gen_loss": objective.loss_parts["gen_loss"]}
 
@@ -335,8 +339,46 @@ class LocalRTDHead(nn.Module):
         return _replaced_token_parts(logits, carry["replaced"], batch["attention_mask"], False)
 
 
+class LocalTokenRTDHead(nn.Module):
+    """Auxiliary replaced-token-detection head of a non-final roberta/modernbert discriminator chunk, in the arch's
+    style (``Backbone.extra_layer``/``aux_transform``): ``[a transformer layer] → transform (RoBERTa: dense → GeLU →
+    LayerNorm; ModernBERT: LayerNorm, its prediction head) → linear → 1 logit per token``, weighted by
+    ``disc_weight``."""
+
+    metric_counts = LocalRTDHead.metric_counts
+    fused = False  #: run the extra layer through FusedEncoder (the fast path)
+
+    def __init__(self, config, extra_layer: bool, disc_weight: float):
+        super().__init__()
+        backbone = backbone_of(config)
+        self.run_layer = backbone.runner_class.run  # runs the extra layer with the chunk's layer context
+        self.layer = backbone.extra_layer(config) if extra_layer else None
+        self.transform = backbone.aux_transform(config)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.loss_parts = {"disc_loss": ("n_tokens", disc_weight)}
+        bert_init_(self, config.initializer_range)
+
+    def forward(self, hidden, context, batch, carry):
+        if self.layer is not None:
+            hidden = self.run_layer(self.layer, hidden, context, self.fused)
+        logits = self.classifier(self.transform(hidden)).squeeze(-1)
+        return _replaced_token_parts(logits, carry["replaced"], batch["attention_mask"], False)
+
+
+class ReplacedLogit(nn.Module):
+    """Label 0 of a one-label token classifier head (``Backbone.token_classifier``): [B, L, H] -> [B, L]."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.classifier(hidden)[..., 0]
+
+
 class FinalRTDHead(nn.Module):
-    """ELECTRA's discriminator head (``ElectraForPreTraining.discriminator_predictions``) on the last chunk."""
+    """ELECTRA's discriminator head (``ElectraForPreTraining.discriminator_predictions``; roberta/modernbert: the
+    token classifier's final norm, head and linear as a :class:`ReplacedLogit`) on the last chunk."""
 
     metric_counts = {"disc_loss": "n_tokens", "disc_acc": "n_tokens", "disc_acc_replaced": "n_replaced",
                      "disc_acc_original": "n_original"}
@@ -358,8 +400,6 @@ class ElectraObjective(Objective):
     """Replaced-token detection with a jointly trained MLM generator (model: :class:`ElectraPretrainingModel`)."""
 
     name = "electra"
-    #: decoupling cuts ELECTRA's own BERT-shaped discriminator only (its stem, heads and layers are ElectraModel's)
-    split_archs = ("bert",)
     metric_counts = {
         "gen_loss": "n_masked",
         "gen_acc": "n_masked",
@@ -552,16 +592,24 @@ class ElectraObjective(Objective):
         return model.discriminator.config
 
     def layers(self, model: ElectraPretrainingModel) -> list[nn.Module]:
-        return list(model.discriminator.electra.encoder.layer)
+        if is_electra(model.discriminator):
+            return list(model.discriminator.electra.encoder.layer)
+        return backbone_of(model.discriminator).layers(model.discriminator)
 
     def layer_runner(self, model: ElectraPretrainingModel) -> LayerRunner:
-        return LayerRunner(model.discriminator.config)
+        if is_electra(model.discriminator):
+            return LayerRunner(model.discriminator.config)
+        return backbone_of(model.discriminator).runner(model.discriminator)
 
     def stem(self, model: ElectraPretrainingModel) -> nn.Module:
         return ElectraStem(model, self)
 
     def final_head(self, model: ElectraPretrainingModel) -> nn.Module:
-        return FinalRTDHead(model.discriminator.discriminator_predictions, self.config.disc_weight)
+        disc = model.discriminator
+        predictions = (disc.discriminator_predictions if is_electra(disc)
+                       else ReplacedLogit(backbone_of(disc).token_classifier(disc)))
+        return FinalRTDHead(predictions, self.config.disc_weight)
 
     def aux_head(self, config, extra_layer: bool) -> nn.Module:
-        return LocalRTDHead(config, extra_layer, self.config.disc_weight)
+        head = LocalRTDHead if config.model_type == "electra" else LocalTokenRTDHead
+        return head(config, extra_layer, self.config.disc_weight)

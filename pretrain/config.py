@@ -425,11 +425,6 @@ class Config:
         problem = d.mode != "none" and modes.unsupported(objectives.objective_class(self.objective.name), d.mode)
         if problem:  # at config time, before any data is prepared
             raise ValueError(problem)
-        split_archs = objectives.objective_class(self.objective.name).split_archs
-        if d.mode != "none" and split_archs is not None and self.model.arch not in split_archs:
-            raise ValueError(f"decouple.mode={d.mode} is not implemented for objective {self.objective.name} on "
-                             f"model.arch={self.model.arch}: it decouples model.arch {' or '.join(split_archs)} "
-                             f"only; use decouple.mode=none (backprop) for {self.model.arch}")
         if d.chunks > self.model.num_layers:
             raise ValueError(f"decouple.chunks ({d.chunks}) exceeds model.num_layers ({self.model.num_layers}): "
                              "every chunk needs at least one layer")

@@ -105,8 +105,6 @@ def test_the_model_section_maps_onto_each_arch(tokenizer):
      "model.modernbert.local_attention is set but model.arch=bert: set model.arch=modernbert"),
     (["model.arch=modernbert", "model.modernbert.local_attention=7"], "local_attention must be an even number"),
     (["model.arch=modernbert", "model.modernbert.global_attn_every_n_layers=0"], "must be >= 1"),
-    (["model.arch=roberta", "objective.name=electra", "decouple.mode=local", "decouple.chunks=2"],
-     "decouple.mode=local is not implemented for objective electra on model.arch=roberta"),
 ])
 def test_bad_arch_configs_fail_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -5,7 +5,8 @@ The training loss and every gradient equal a hand-computed reference built from 
 generator's own ``labels=`` MLM loss plus λ times the BCE of the discriminator's ``logits[..., 0]`` on the same
 replaced block); the replacements are the counter-based Gumbel-max samples of the stock generator's logits; the
 embeddings are one module at equal widths and the generator's own otherwise; both exports reload through their Auto
-classes in a fresh process; a run resumes exactly; decoupling is refused with the supported alternative.
+classes in a fresh process; a run resumes exactly; local decoupling's chunks recompose the loss, and ModernBERT's
+distributed run equals the simulated one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from helpers import make_tokenizer, packed_examples, tiny_model_config, train_re
 from objectives import BACKBONES, IGNORE_INDEX, get_objective
 from objectives.backbones import ModernBertOptions
 from objectives.electra import gumbel_sample
-from pretrain.config import ConfigError, load_config
+from pretrain.config import load_config
 
 ARCHS = ["roberta", "modernbert"]
 #: ModernBERT whose local layers see less than a 32-token block (as in test_backbones.py)
@@ -163,6 +164,24 @@ def test_disc_loss_sends_no_gradient_into_a_generator_with_its_own_embeddings(to
     assert any(g is not None and g.abs().sum() > 0 for g in disc)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_fast_path_keeps_the_loss_and_traces_the_step_as_one_graph(tokenizer, arch):
+    """Static shapes, both networks' stacks fused on roberta (none on modernbert, whose Wqkv is one GEMM); the
+    trainer's module (sampling included) traces without a graph break."""
+    from pretrain.fast import FusedEncoder, apply_fast_path
+    from pretrain.steps.backprop import PretrainModule
+
+    objective, model = build(tokenizer, arch)
+    batch = make_batch(tokenizer, objective, padded=False)
+    eager = objective(model, batch)["loss"]
+    apply_fast_path(model, objective, 32)
+    assert objective.static_shapes
+    assert sum(isinstance(m, FusedEncoder) for m in model.modules()) == {"roberta": 2, "modernbert": 0}[arch]
+    torch.testing.assert_close(objective(model, batch)["loss"], eager, rtol=1e-6, atol=1e-6)
+    explained = torch._dynamo.explain(PretrainModule(model, objective))(batch)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 # --------------------------------------------------------------------------- export, runs, config
 
 
@@ -246,15 +265,68 @@ def test_a_resumed_run_equals_the_uninterrupted_one(arch, tmp_path, monkeypatch,
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+# --------------------------------------------------------------------------- decoupling (mode local)
+
+
+@pytest.mark.parametrize("generator_size", [0.25, 1.0], ids=["own-embeddings", "shared-embeddings"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_decoupling_is_refused_naming_what_is_supported(arch):
-    """ELECTRA decouples (mode local) its own BERT-shaped discriminator only; mode synthetic is refused on every arch
-    (test_decouple.py)."""
-    with pytest.raises(ConfigError, match=f"decouple.mode=local is not implemented for objective electra on "
-                                          f"model.arch={arch}: it decouples model.arch bert only; use "
-                                          "decouple.mode=none"):
-        load_config(None, ["data.files=[x.txt]", "objective.name=electra", f"model.arch={arch}",
-                           "decouple.mode=local", "decouple.chunks=2"])
-    # backprop ELECTRA of the arch, and decoupled ELECTRA on bert, are valid configs
-    load_config(None, ["data.files=[x.txt]", "objective.name=electra", f"model.arch={arch}"])
-    load_config(None, ["data.files=[x.txt]", "objective.name=electra", "decouple.mode=local", "decouple.chunks=2"])
+def test_chunks_recompose_the_models_loss(tokenizer, arch, generator_size):
+    """K=2 and K=3 chunks of the discriminator: chunk 0's generator loss and the last chunk's discriminator loss equal
+    the whole model's (every layer keeps its positions and attention type), the chunks own every parameter once, and
+    the auxiliary heads are in the arch's style."""
+    from pretrain.config import DecoupleConfig
+    from pretrain.decouple.chunks import ChunkedModel
+
+    for chunks, boundaries in ((2, [1]), (3, [1, 2])):
+        objective, model = build(tokenizer, arch, generator_size)
+        model.eval()
+        batch = make_batch(tokenizer, objective, padded=True)
+        chunked = ChunkedModel(model, objective, DecoupleConfig(mode="local", chunks=chunks, boundaries=boundaries,
+                                                                aux_head="layer")).eval()
+        owned = [{id(p) for p in chunked.chunk_parameters(k)} for k in range(chunks)]
+        assert sum(map(len, owned)) == len(set().union(*owned))  # disjoint
+        assert {id(p) for p in model.parameters()} <= set().union(*owned)
+        assert {id(p) for p in model.generator.parameters()} <= owned[0]  # the generator runs in chunk 0
+        with torch.no_grad():
+            whole = objective(model, batch)
+            inputs, outs = None, []
+            for chunk in chunked.chunks:
+                inputs, out = chunk(batch, inputs)
+                outs.append(out)
+        torch.testing.assert_close(outs[0]["gen_loss"], whole["gen_loss"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(outs[-1]["disc_loss"], whole["disc_loss"], rtol=1e-5, atol=1e-6)
+        head = chunked.aux[0]
+        assert type(head).__name__ == "LocalTokenRTDHead"
+        assert type(head.layer).__name__ == {"roberta": "BertLayer", "modernbert": "ModernBertEncoderLayer"}[arch]
+
+
+def test_modernbert_local_decoupling_distributed_equals_simulated(tmp_path, monkeypatch):
+    """ELECTRA on ModernBERT, two gloo processes (chunk 0 with the generator | chunk 1) against the simulated
+    runtime: the same losses per chunk at every step; the stitched exports reload with the training logits."""
+    from pathlib import Path
+
+    from distributed import torchrun
+
+    from pretrain.decouple.run import load_run
+    from pretrain.hf_io import roundtrip_check
+
+    worker = str(Path(__file__).parent / "dist" / "decouple_worker.py")
+    args = [*MODERNBERT_OVERRIDES, "objective.name=electra", "train.eval_every=0", "train.save_every=0"]
+    sim = worker_run(tmp_path / "sim", args, monkeypatch)
+    torchrun(2, worker, str(Path(__file__).parent), str(tmp_path / "dist"), *args, timeout=240,
+             env={"SKIP_ROUNDTRIP": "1"})
+    dist = train_records(tmp_path / "dist")
+    assert sorted(dist) == sorted(sim) == list(range(1, 7))
+    keys = ("chunk0_disc_loss", "chunk1_disc_loss", "gen_loss", "disc_loss")
+    assert all(key in sim[1] for key in keys), sorted(sim[1])
+    for step in dist:
+        for key in keys:
+            assert dist[step][key] == pytest.approx(sim[step][key], rel=1e-5, abs=1e-6), (step, key)
+    chunked, tok, _ = load_run(tmp_path / "dist")
+    ids = tok(["the quick brown fox jumps over the lazy dog", "seven wizards box"], padding=True, return_tensors="pt")
+    stitched = chunked.export_model()
+    for sub, auto, reference in (("discriminator", "AutoModelForTokenClassification", stitched.discriminator),
+                                 ("generator", "AutoModelForMaskedLM", stitched.generator)):
+        result = roundtrip_check(tmp_path / "dist" / "export" / sub, auto, reference, ids["input_ids"],
+                                 ids["attention_mask"])
+        assert result["class"].startswith("ModernBert") and result["max_abs_err"] <= 1e-5
