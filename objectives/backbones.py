@@ -201,6 +201,11 @@ class Backbone:
         """The module holding ``decoder`` and the output ``bias`` it shares (BERT: ``cls.predictions``)."""
         return model.cls.predictions
 
+    def token_classifier(self, model: nn.Module) -> nn.Module:
+        """A ``*ForTokenClassification``'s head after the encoder (final norm included): [B, L, H] -> [B, L, labels]
+        (a view of the model's own modules; BERT, RoBERTa: dropout -> linear)."""
+        return nn.Sequential(self.final_norm(model), model.dropout, model.classifier)
+
     # ---------------------------------------------------------------- fresh modules (decoupled chunks)
     def aux_transform(self, config) -> nn.Module:
         """A fresh prediction-head transform [M, H] -> [M, H] (the head of a non-final chunk, before its own
@@ -336,6 +341,10 @@ class ModernBertBackbone(Backbone):
     def export_copy(self, model):
         """A deep copy (the decoder has its own bias, tied or not)."""
         return copy.deepcopy(model)
+
+    def token_classifier(self, model):
+        """Final norm -> prediction head (dense -> act -> norm) -> dropout -> linear."""
+        return nn.Sequential(model.model.final_norm, model.head, model.drop, model.classifier)
 
     def aux_transform(self, config):
         """ModernBERT's style: the final LayerNorm the chunk's pre-LN stack lacks, then its prediction head

@@ -1,11 +1,20 @@
 """ELECTRA (Clark et al., 2020): a small MLM generator and a replaced-token-detection discriminator.
 
-Model (``build_model``): an :class:`ElectraPretrainingModel` holding a stock ``ElectraForMaskedLM`` generator and a
-stock ``ElectraForPreTraining`` discriminator of the same depth. The generator is ``generator_size`` times as wide as
-the discriminator, with hidden // 64 heads (at least 1) and a 4 x hidden feed-forward layer (the reference's
-``get_generator_config``). Token, position and token-type embeddings and the embedding LayerNorm are the *same*
-modules in both networks; each network maps the shared embedding width to its own hidden size with its own
-``embeddings_project`` where they differ, and the generator's output projection is tied to the shared word embeddings.
+Model (``build_model``): an :class:`ElectraPretrainingModel` holding a generator and a discriminator of the same depth.
+The generator is ``generator_size`` times as wide as the discriminator, with hidden // 64 heads (at least 1).
+
+* ``model.arch: bert``: a stock ``ElectraForMaskedLM`` generator with a 4 x hidden feed-forward layer (the
+  reference's ``get_generator_config``) and a stock ``ElectraForPreTraining`` discriminator. Token, position and
+  token-type embeddings and the embedding LayerNorm are the *same* modules in both networks; each network maps the
+  shared embedding width to its own hidden size with its own ``embeddings_project`` where they differ, and the
+  generator's output projection is tied to the shared word embeddings.
+* ``roberta`` / ``modernbert``: the arch's stock ``*ForMaskedLM`` generator (``objectives.backbones``; its
+  feed-forward width is the model's ``intermediate_size`` scaled by ``generator_size``, so each arch keeps its own
+  ratio, e.g. ModernBERT's GeGLU 1.5 x) and the arch's stock ``*ForTokenClassification`` discriminator with one
+  label: ``logits[..., 0]`` is the replaced-token logit (positive = replaced). These classes have no embedding
+  projection, so the embeddings (RoBERTa: token, position, type and LayerNorm; ModernBERT: token and norm) are the
+  same module in both networks only where the widths are equal (``generator_size: 1``); a narrower generator has
+  its own embeddings (a deviation from the paper, which ties them; its own decoder stays tied to its own table).
 
 Masking (``collate``, CPU): exactly k = round(mask_ratio * n) distinct positions per block among its n non-special
 tokens; 85% of them become [MASK], the rest keep the original token (no random tokens), as in the reference's
@@ -26,10 +35,11 @@ the same replacement tokens whatever the batch it sits in, the number of process
 generator logits.
 
 Split protocol (``objectives.base``, ``decouple.mode: local`` only: synthetic-gradient modules condition on
-masked-token labels): the discriminator is the encoder that is cut. The generator runs inside chunk 0
-(:class:`ElectraStem`; it shares the embeddings, which chunk 0 owns), which therefore also sends the "replaced"
-labels it sampled ([B, L] uint8) along with the activations: no other chunk could compute them. Non-final chunks get
-:class:`LocalRTDHead`, the last one the discriminator's own head (:class:`FinalRTDHead`).
+masked-token labels): the discriminator is the encoder that is cut (its layers run by the arch's layer runner). The
+generator runs inside chunk 0 (:class:`ElectraStem`; it shares the embeddings, which chunk 0 owns), which therefore
+also sends the "replaced" labels it sampled ([B, L] uint8) along with the activations: no other chunk could compute
+them. Non-final chunks get :class:`LocalRTDHead` (bert) or :class:`LocalTokenRTDHead` (roberta/modernbert, in the
+arch's style), the last one the discriminator's own head (:class:`FinalRTDHead`).
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ import torch.nn.functional as F
 from pretrain.fast import run_layer
 from pretrain.metrics import ROC_PREFIX, roc_histogram
 
-from .backbones import LayerRunner
+from .backbones import BACKBONES, LayerRunner, backbone_of
 from .base import IGNORE_INDEX, Objective, bert_init_, build_options, encoder_attention_mask
 from .mlm import MLMConfig, select_tokens
 
@@ -90,7 +100,9 @@ def _replaced_token_parts(logits: torch.Tensor, replaced: torch.Tensor, attentio
 @dataclass
 class ElectraConfig:
     generator_size: float = 0.25
-    """Generator hidden size as a fraction of the discriminator's (1/4 default; the paper's base uses 1/3)."""
+    """Generator hidden size as a fraction of the discriminator's (1/4 default; the paper's base uses 1/3). On
+    model.arch roberta/modernbert the two networks share their embeddings only at generator_size 1 (equal widths:
+    their classes have no embedding projection); a narrower generator has its own embeddings."""
     mask_ratio: float = 0.15
     """Exactly round(mask_ratio * n) masked positions per block (static count)."""
     mask_token_prob: float = 0.85
@@ -197,16 +209,23 @@ def gumbel_sample(
 
 
 class ElectraPretrainingModel(nn.Module):
-    """The two stock networks trained together; ``generator.electra.embeddings is discriminator.electra.embeddings``.
+    """The two stock networks trained together, sharing one embedding module (``generator.electra.embeddings is
+    discriminator.electra.embeddings``; on roberta/modernbert only where the widths are equal).
 
-    Attributes: ``generator`` (``ElectraForMaskedLM``) and ``discriminator`` (``ElectraForPreTraining``). There is no
-    ``forward``: :class:`ElectraObjective` runs the sparse generator head, the sampling and the discriminator."""
+    Attributes: ``generator`` (``ElectraForMaskedLM`` or the arch's ``*ForMaskedLM``) and ``discriminator``
+    (``ElectraForPreTraining`` or the arch's one-label ``*ForTokenClassification``). There is no ``forward``:
+    :class:`ElectraObjective` runs the sparse generator head, the sampling and the discriminator."""
 
     def __init__(self, generator: nn.Module, discriminator: nn.Module):
         super().__init__()
         # the generator's own embeddings are discarded: both networks read the discriminator's embedding module
-        generator.electra.embeddings = discriminator.electra.embeddings
-        generator.tie_weights()  # re-tie generator_lm_head.weight to the (now shared) word embeddings
+        if is_electra(discriminator):
+            generator.electra.embeddings = discriminator.electra.embeddings
+            generator.tie_weights()  # re-tie generator_lm_head.weight to the (now shared) word embeddings
+        elif generator.config.hidden_size == discriminator.config.hidden_size:
+            backbone = backbone_of(discriminator)
+            backbone.encoder(generator).embeddings = backbone.embeddings(discriminator)
+            generator.tie_weights()  # re-tie the decoder to the (now shared) word embeddings
         self.generator = generator
         self.discriminator = discriminator
 
@@ -216,8 +235,15 @@ class ElectraPretrainingModel(nn.Module):
         return self.discriminator.config
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        """Parameters used by both networks: the embedding tables and the embedding LayerNorm."""
-        return list(self.discriminator.electra.embeddings.parameters())
+        """Parameters used by both networks: the embedding tables and the embedding LayerNorm (none where a
+        narrower roberta/modernbert generator has its own embeddings)."""
+        generator = {id(p) for p in self.generator.parameters()}
+        return [p for p in self.discriminator.parameters() if id(p) in generator]
+
+
+def is_electra(model: nn.Module) -> bool:
+    """Whether ``model`` is one of ELECTRA's own (BERT-shaped) classes, the networks of ``model.arch: bert``."""
+    return model.config.model_type == "electra"
 
 
 def generator_shape(hidden_size: int, generator_size: float) -> tuple[int, int, int]:
@@ -233,6 +259,26 @@ def generator_shape(hidden_size: int, generator_size: float) -> tuple[int, int, 
     return hidden, heads, 4 * hidden
 
 
+def generator_logits(generator: nn.Module, batch: Mapping[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    """The generator's sparse MLM head: its encoder's states gathered at the M flat positions ``index`` into
+    [B, L], then the prediction head and the decoder: [M, V]."""
+    mask = encoder_attention_mask(batch)
+    if is_electra(generator):
+        hidden = generator.electra(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+        return generator.generator_lm_head(generator.generator_predictions(hidden.flatten(0, 1)[index]))
+    backbone = backbone_of(generator)
+    hidden = backbone.encoder(generator)(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+    return backbone.head(generator)(hidden.flatten(0, 1)[index])
+
+
+def discriminator_logits(discriminator: nn.Module, input_ids: torch.Tensor,
+                         batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The replaced-token logit per position [B, L] (positive = replaced): ``ElectraForPreTraining``'s logits, or
+    label 0 of a one-label ``*ForTokenClassification``."""
+    logits = discriminator(input_ids=input_ids, attention_mask=encoder_attention_mask(batch)).logits
+    return logits if is_electra(discriminator) else logits[..., 0]
+
+
 # --------------------------------------------------------------------------- decoupled pieces (split protocol)
 
 
@@ -246,8 +292,11 @@ class ElectraStem(nn.Module):
     def __init__(self, model: ElectraPretrainingModel, objective: "ElectraObjective"):
         super().__init__()
         self.generator = model.generator
-        self.embeddings = model.discriminator.electra.embeddings
-        self.project = getattr(model.discriminator.electra, "embeddings_project", None)
+        if is_electra(model.discriminator):
+            self.embeddings = model.discriminator.electra.embeddings
+            self.project = getattr(model.discriminator.electra, "embeddings_project", None)
+        else:
+            self.embeddings, self.project = backbone_of(model.discriminator).embeddings(model.discriminator), None
         self.generate = objective.generate  # a bound method: plain attribute, not a submodule
         self.loss_parts = {"gen_loss": objective.loss_parts["gen_loss"]}
 
@@ -290,8 +339,46 @@ class LocalRTDHead(nn.Module):
         return _replaced_token_parts(logits, carry["replaced"], batch["attention_mask"], False)
 
 
+class LocalTokenRTDHead(nn.Module):
+    """Auxiliary replaced-token-detection head of a non-final roberta/modernbert discriminator chunk, in the arch's
+    style (``Backbone.extra_layer``/``aux_transform``): ``[a transformer layer] → transform (RoBERTa: dense → GeLU →
+    LayerNorm; ModernBERT: LayerNorm, its prediction head) → linear → 1 logit per token``, weighted by
+    ``disc_weight``."""
+
+    metric_counts = LocalRTDHead.metric_counts
+    fused = False  #: run the extra layer through FusedEncoder (the fast path)
+
+    def __init__(self, config, extra_layer: bool, disc_weight: float):
+        super().__init__()
+        backbone = backbone_of(config)
+        self.run_layer = backbone.runner_class.run  # runs the extra layer with the chunk's layer context
+        self.layer = backbone.extra_layer(config) if extra_layer else None
+        self.transform = backbone.aux_transform(config)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.loss_parts = {"disc_loss": ("n_tokens", disc_weight)}
+        bert_init_(self, config.initializer_range)
+
+    def forward(self, hidden, context, batch, carry):
+        if self.layer is not None:
+            hidden = self.run_layer(self.layer, hidden, context, self.fused)
+        logits = self.classifier(self.transform(hidden)).squeeze(-1)
+        return _replaced_token_parts(logits, carry["replaced"], batch["attention_mask"], False)
+
+
+class ReplacedLogit(nn.Module):
+    """Label 0 of a one-label token classifier head (``Backbone.token_classifier``): [B, L, H] -> [B, L]."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.classifier(hidden)[..., 0]
+
+
 class FinalRTDHead(nn.Module):
-    """ELECTRA's discriminator head (``ElectraForPreTraining.discriminator_predictions``) on the last chunk."""
+    """ELECTRA's discriminator head (``ElectraForPreTraining.discriminator_predictions``; roberta/modernbert: the
+    token classifier's final norm, head and linear as a :class:`ReplacedLogit`) on the last chunk."""
 
     metric_counts = {"disc_loss": "n_tokens", "disc_acc": "n_tokens", "disc_acc_replaced": "n_replaced",
                      "disc_acc_original": "n_original"}
@@ -313,8 +400,6 @@ class ElectraObjective(Objective):
     """Replaced-token detection with a jointly trained MLM generator (model: :class:`ElectraPretrainingModel`)."""
 
     name = "electra"
-    #: the generator and discriminator are ELECTRA's BERT-shaped classes (``ElectraForMaskedLM``/``ForPreTraining``)
-    archs = ("bert",)
     metric_counts = {
         "gen_loss": "n_masked",
         "gen_acc": "n_masked",
@@ -389,9 +474,7 @@ class ElectraObjective(Objective):
         on padding rows of ``static_shapes``), disc_input_ids [B, L], replaced [B, L] bool (sample != original)}."""
         selected = batch["labels"] != IGNORE_INDEX
         index, valid = self.gather_index(selected)  # [M] flat positions (M fixed under static_shapes)
-        hidden = generator.electra(input_ids=batch["input_ids"],
-                                   attention_mask=encoder_attention_mask(batch)).last_hidden_state
-        logits = generator.generator_lm_head(generator.generator_predictions(hidden.flatten(0, 1)[index]))  # [M, V]
+        logits = generator_logits(generator, batch, index)  # [M, V]
         gen_sum, gen_correct = self.masked_lm_sums(logits, self.gather_targets(batch["labels"], index, valid))
 
         # corrupt the block with the generator's samples; an integer sample carries no gradient back
@@ -421,8 +504,7 @@ class ElectraObjective(Objective):
         gen_sum, gen_correct, selected = gen["gen_sum"], gen["gen_correct"], gen["selected"]
         disc_ids, replaced = gen["disc_input_ids"], gen["replaced"]
 
-        disc_logits = model.discriminator(input_ids=disc_ids,
-                                          attention_mask=encoder_attention_mask(batch)).logits  # [B, L]
+        disc_logits = discriminator_logits(model.discriminator, disc_ids, batch)  # [B, L]
         disc_sum, disc_counts, disc_metrics = replaced_token_sums(disc_logits, replaced, attention_mask,
                                                                   with_auc=not self.training)
         n_masked = selected.sum()
@@ -442,6 +524,10 @@ class ElectraObjective(Objective):
 
     # ---------------------------------------------------------------- model / export
     def build_model(self, model_config) -> ElectraPretrainingModel:
+        """``model.arch: bert``: ELECTRA's own classes; roberta/modernbert: the arch's ``*ForMaskedLM`` generator
+        and one-label ``*ForTokenClassification`` discriminator (see the module docstring)."""
+        if model_config.arch != "bert":
+            return self._build_backbone_model(model_config)
         from transformers import ElectraForMaskedLM, ElectraForPreTraining
 
         from pretrain.model import electra_config
@@ -451,9 +537,29 @@ class ElectraObjective(Objective):
         disc_config = electra_config(model_config, self.vocab_size, self.pad_id)
         return ElectraPretrainingModel(ElectraForMaskedLM(gen_config), ElectraForPreTraining(disc_config))
 
+    def _build_backbone_model(self, model_config) -> ElectraPretrainingModel:
+        import dataclasses
+
+        from transformers import AutoModelForTokenClassification
+
+        arch = model_config.arch
+        if model_config.embedding_size not in (None, model_config.hidden_size):
+            raise ValueError(f"model.embedding_size={model_config.embedding_size} needs an embedding projection, "
+                             f"which model.arch={arch} has not: leave it null (ELECTRA on model.arch=bert has one)")
+        backbone, ids = BACKBONES[arch], {"pad": self.pad_id, "cls": self.cls_id, "sep": self.sep_id}
+        hidden, heads, _ = generator_shape(model_config.hidden_size, self.config.generator_size)
+        intermediate = max(1, round(model_config.intermediate_size * hidden / model_config.hidden_size))
+        gen_model = dataclasses.replace(model_config, hidden_size=hidden, num_heads=heads,
+                                        intermediate_size=intermediate)
+        disc_config = backbone.hf_config(model_config, self.vocab_size, ids)
+        disc_config.num_labels = 1
+        generator = backbone.masked_lm(gen_model, self.vocab_size, ids)
+        return ElectraPretrainingModel(generator, AutoModelForTokenClassification.from_config(disc_config))
+
     def export(self, model: nn.Module, out_dir, tokenizer) -> None:
-        """``out_dir/discriminator`` (``ElectraForPreTraining``) and ``out_dir/generator`` (``ElectraForMaskedLM``),
-        each with its own copy of the shared embeddings and the tokenizer, loadable standalone."""
+        """``out_dir/discriminator`` (``ElectraForPreTraining``; roberta/modernbert: the one-label
+        ``*ForTokenClassification``) and ``out_dir/generator`` (``ElectraForMaskedLM`` / ``*ForMaskedLM``), each with
+        its own copy of the shared embeddings and the tokenizer, loadable standalone."""
         from pretrain.hf_io import save_hf, unwrap
 
         model = unwrap(model)
@@ -467,7 +573,9 @@ class ElectraObjective(Objective):
 
         model, out_dir = unwrap(model), Path(out_dir)
         return [
-            (out_dir / "discriminator", "AutoModelForPreTraining", model.discriminator),
+            (out_dir / "discriminator",
+             "AutoModelForPreTraining" if is_electra(model.discriminator) else "AutoModelForTokenClassification",
+             model.discriminator),
             (out_dir / "generator", "AutoModelForMaskedLM", model.generator),
         ]
 
@@ -475,22 +583,33 @@ class ElectraObjective(Objective):
     carry = {"replaced": torch.uint8}
 
     def encoders(self, model: ElectraPretrainingModel) -> list[nn.Module]:
-        return [model.generator.electra, model.discriminator.electra]
+        if is_electra(model.discriminator):
+            return [model.generator.electra, model.discriminator.electra]
+        return [stack for network in (model.generator, model.discriminator)
+                for stack in backbone_of(network).fused_stacks(network)]
 
     def split_config(self, model: ElectraPretrainingModel):
         return model.discriminator.config
 
     def layers(self, model: ElectraPretrainingModel) -> list[nn.Module]:
-        return list(model.discriminator.electra.encoder.layer)
+        if is_electra(model.discriminator):
+            return list(model.discriminator.electra.encoder.layer)
+        return backbone_of(model.discriminator).layers(model.discriminator)
 
     def layer_runner(self, model: ElectraPretrainingModel) -> LayerRunner:
-        return LayerRunner(model.discriminator.config)
+        if is_electra(model.discriminator):
+            return LayerRunner(model.discriminator.config)
+        return backbone_of(model.discriminator).runner(model.discriminator)
 
     def stem(self, model: ElectraPretrainingModel) -> nn.Module:
         return ElectraStem(model, self)
 
     def final_head(self, model: ElectraPretrainingModel) -> nn.Module:
-        return FinalRTDHead(model.discriminator.discriminator_predictions, self.config.disc_weight)
+        disc = model.discriminator
+        predictions = (disc.discriminator_predictions if is_electra(disc)
+                       else ReplacedLogit(backbone_of(disc).token_classifier(disc)))
+        return FinalRTDHead(predictions, self.config.disc_weight)
 
     def aux_head(self, config, extra_layer: bool) -> nn.Module:
-        return LocalRTDHead(config, extra_layer, self.config.disc_weight)
+        head = LocalRTDHead if config.model_type == "electra" else LocalTokenRTDHead
+        return head(config, extra_layer, self.config.disc_weight)

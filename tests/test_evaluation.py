@@ -203,12 +203,18 @@ def heldout_files(tmp_path_factory):
     return d
 
 
-def test_electra_run_export_scores_generator_and_probes_discriminator(tok, tmp_path, heldout_files):
+@pytest.mark.parametrize("arch, generator, encoder", [
+    ("bert", "ElectraForMaskedLM", "ElectraModel"), ("roberta", "RobertaForMaskedLM", "RobertaModel"),
+    ("modernbert", "ModernBertForMaskedLM", "ModernBertModel")])
+def test_electra_run_export_scores_generator_and_probes_discriminator(tok, tmp_path, heldout_files, arch, generator,
+                                                                     encoder):
+    """An ELECTRA run's export of each arch (roberta/modernbert: a one-label ``*ForTokenClassification``
+    discriminator, read as its base encoder)."""
     from objectives import get_objective
 
     objective = get_objective("electra", tok)
     torch.manual_seed(0)
-    model = objective.build_model(tiny_model_config(max_position_embeddings=64))
+    model = objective.build_model(tiny_model_config(arch=arch, max_position_embeddings=64))
     objective.export(model, tmp_path / "export", tok)
     options = EvalOptions(tasks=("mlm", "probe"), probe_train=100, probe_test=50)
     result = evaluate_export(tmp_path / "export", options, data_files=[str(heldout_files / "heldout.txt")],
@@ -216,8 +222,8 @@ def test_electra_run_export_scores_generator_and_probes_discriminator(tok, tmp_p
                              probe_examples=synthetic_labelled(150, seed=1))
     assert result["kind"] == "electra-run"
     gen, disc = result["generator"], result["discriminator"]
-    assert gen["model_class"] == "ElectraForMaskedLM" and gen["mlm"]["n_masked"] > 0
-    assert disc["model_class"] == "ElectraModel" and "mlm" not in disc and "span_infilling" not in gen
+    assert gen["model_class"] == generator and gen["mlm"]["n_masked"] > 0
+    assert disc["model_class"] == encoder and "mlm" not in disc and "span_infilling" not in gen
     assert disc["hidden_size"] == 32 and gen["hidden_size"] == 8
     for r in (gen, disc):
         assert 0.0 <= r["probe"]["accuracy"] <= 1.0 and r["probe"]["n_test"] == 50
