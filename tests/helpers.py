@@ -119,3 +119,66 @@ class Planted:
         import os
 
         return os.system, (f"touch {self.marker}",)
+
+
+def packed_batch(tokenizer, objective, padded: bool):
+    """``objective``'s batch of 3 packed blocks of 32 tokens; ``padded``: the last one cut to 20 (padding, a mask)."""
+    examples = [dict(e, index=i) for i, e in enumerate(packed_examples(tokenizer, 3, length=32))]
+    if padded:
+        examples[-1] = {k: (v[:20] if isinstance(v, list) else v) for k, v in examples[-1].items()}
+    batch = objective.collate(examples)
+    assert batch["padded"] is padded
+    return batch
+
+
+def gradients(model, loss) -> dict:
+    """name -> gradient of ``loss`` for every parameter of ``model`` that gets one (left zeroed afterwards)."""
+    model.zero_grad()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return grads
+
+
+def probes_both_routes(cfg, tokenizer):
+    """(chunked, stitched) probe accuracies of one 2-chunk simulated model of ``cfg`` (``train.probe`` set): chunk by
+    chunk through the pipeline, and layer by layer through the stitched model; also the built model."""
+    import torch
+
+    from pretrain.decouple.layout import Layout
+    from pretrain.decouple.pipeline import Pipeline
+    from pretrain.decouple.run import build_chunked_model
+    from pretrain.probe import build_probe, probe_layers
+
+    torch.manual_seed(0)
+    model, _ = build_chunked_model(cfg, tokenizer)
+    pipeline = Pipeline(model, cfg, Layout("simulated", 2, 1, 0), torch.device("cpu"))
+    pipeline.probe = probe = build_probe(cfg, model.objective, tokenizer, torch.device("cpu"))
+    model.eval()
+    with torch.no_grad():
+        chunked = pipeline._probe_chunk_outputs()
+    return chunked, probe_layers(probe, model.objective, model.model, "all"), model, probe
+
+
+def worker_run(output_dir, overrides, monkeypatch) -> dict[int, dict]:
+    """``tests/dist/decouple_worker.main`` in this process (in-memory blocks of 32 tokens, 4 layers), one thread like
+    the torchrun workers, without the fresh-process export check; returns its train records by step."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    dist = str(Path(__file__).parent / "dist")
+    if dist not in sys.path:
+        sys.path.insert(0, dist)
+    import decouple_worker
+
+    monkeypatch.setenv("SKIP_ROUNDTRIP", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        decouple_worker.main(str(output_dir), overrides)
+    finally:
+        torch.set_num_threads(threads)
+    return train_records(output_dir)
+

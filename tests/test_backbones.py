@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))  # decouple_worker (also as a torchrun worker)
 
-from helpers import make_tokenizer, packed_examples, tiny_model_config, train_records
+from helpers import (gradients, make_tokenizer, packed_batch, probes_both_routes, tiny_model_config, train_records,
+                     worker_run)
 from objectives import BACKBONES, backbone_of, get_objective
 from objectives.backbones import ModernBertOptions
 from pretrain.config import ConfigError, load_config
@@ -51,24 +52,6 @@ def build(tokenizer, arch: str, name: str = "mlm", **options):
     objective.set_unigram_counts(torch.ones(len(tokenizer)))
     torch.manual_seed(0)
     return objective, objective.build_model(model_config(arch))
-
-
-def make_batch(tokenizer, objective, padded: bool):
-    """3 blocks of 32 tokens; ``padded``: the last one cut to 20 (padding and a mask)."""
-    examples = [dict(e, index=i) for i, e in enumerate(packed_examples(tokenizer, 3, length=32))]
-    if padded:
-        examples[-1] = {k: (v[:20] if isinstance(v, list) else v) for k, v in examples[-1].items()}
-    batch = objective.collate(examples)
-    assert batch["padded"] is padded
-    return batch
-
-
-def gradients(model, loss) -> dict[str, torch.Tensor]:
-    model.zero_grad()
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    return grads
 
 
 # --------------------------------------------------------------------------- config
@@ -137,7 +120,7 @@ def test_loss_and_gradients_equal_the_stock_models_own(tokenizer, arch, padded):
     """Our sparse-head MLM loss (sum / count over the gathered rows) is ``model(..., labels=).loss`` and backward
     gives the same gradient on every parameter; on the fast path's static shapes too."""
     objective, model = build(tokenizer, arch, static_count=True)
-    batch = make_batch(tokenizer, objective, padded)
+    batch = packed_batch(tokenizer, objective, padded)
     stock = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     stock_grads = gradients(model, stock.loss)
     for static in (False, True):
@@ -153,7 +136,7 @@ def test_loss_and_gradients_equal_the_stock_models_own(tokenizer, arch, padded):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_span_mlm_part_equals_the_stock_loss_and_sbo_reads_the_decoder(tokenizer, arch):
     objective, model = build(tokenizer, arch, "span")
-    batch = make_batch(tokenizer, objective, padded=True)
+    batch = packed_batch(tokenizer, objective, padded=True)
     out = objective(model, batch)
     stock = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     torch.testing.assert_close(out["mlm_loss"], stock.loss, rtol=1e-6, atol=1e-6)
@@ -174,7 +157,7 @@ def test_the_layer_runner_reproduces_the_stock_encoder_layer_by_layer(tokenizer,
     (``output_hidden_states``), padded batch and ModernBERT's local layers included."""
     objective, model = build(tokenizer, arch)
     model.eval()
-    batch = make_batch(tokenizer, objective, padded=True)
+    batch = packed_batch(tokenizer, objective, padded=True)
     backbone = BACKBONES[arch]
     with torch.no_grad():
         stock = backbone.encoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -209,7 +192,7 @@ def test_chunks_recompose_the_models_loss(tokenizer, arch, name):
     for chunks, boundaries in ((2, [1]), (3, [1, 3])):
         objective, model = build(tokenizer, arch, name)
         model.eval()
-        batch = make_batch(tokenizer, objective, padded=True)
+        batch = packed_batch(tokenizer, objective, padded=True)
         chunked = ChunkedModel(model, objective, DecoupleConfig(mode="local", chunks=chunks, boundaries=boundaries,
                                                                 aux_head="layer")).eval()
         assert not model.config.tie_word_embeddings
@@ -247,7 +230,7 @@ def test_export_reloads_as_the_stock_class_in_a_fresh_process(tokenizer, arch, n
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))  # away from the init: LayerNorms and biases matter too
     model.eval()
-    batch = make_batch(tokenizer, objective, padded=False)
+    batch = packed_batch(tokenizer, objective, padded=False)
     cfg = load_config(None, ["data.files=[x.txt]", f"model.arch={arch}",
                              *(MODERNBERT_OVERRIDES[1:] if arch == "modernbert" else [])])
     write_export(objective, model, tmp_path / "export", tokenizer, cfg, sample=batch["input_ids"])
@@ -274,7 +257,7 @@ def test_fast_path_fuses_qkv_for_roberta_and_leaves_modernbert_as_it_is(tokenize
 
     objective, model = build(tokenizer, "roberta", static_count=True)
     model.train()  # dropout 0: train mode changes nothing but the code path
-    batch = make_batch(tokenizer, objective, padded=True)
+    batch = packed_batch(tokenizer, objective, padded=True)
     eager = objective(model, batch)["loss"]
     keys = list(model.state_dict())
     apply_fast_path(model, objective, 32)
@@ -290,21 +273,6 @@ def test_fast_path_fuses_qkv_for_roberta_and_leaves_modernbert_as_it_is(tokenize
 
 
 # --------------------------------------------------------------------------- runs
-
-
-def worker_run(output_dir, overrides, monkeypatch):
-    """``decouple_worker.main`` in this process (in-memory blocks of 32 tokens, 4 layers), one thread like the
-    torchrun workers, without the fresh-process export check."""
-    import decouple_worker
-
-    monkeypatch.setenv("SKIP_ROUNDTRIP", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        decouple_worker.main(str(output_dir), overrides)
-    finally:
-        torch.set_num_threads(threads)
-    return train_records(output_dir)
 
 
 @pytest.mark.parametrize("arch, name", [("roberta", "mlm"), ("modernbert", "span")])
@@ -380,7 +348,7 @@ def test_the_fast_path_step_traces_as_one_graph(tokenizer, arch):
 
     objective, model = build(tokenizer, arch, "span")
     apply_fast_path(model, objective, 32)
-    explained = torch._dynamo.explain(PretrainModule(model, objective))(make_batch(tokenizer, objective, False))
+    explained = torch._dynamo.explain(PretrainModule(model, objective))(packed_batch(tokenizer, objective, False))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
@@ -398,7 +366,7 @@ def test_compiled_modernbert_step_keeps_losses_and_gradients(tokenizer, one_thre
     fast_module = PretrainModule(fast_model, fast_objective)
     compile_step(fast_module)
     for padded in (True, False):
-        batch = make_batch(tokenizer, objective, padded)
+        batch = packed_batch(tokenizer, objective, padded)
         eager = objective(model, batch)
         fast = fast_module(batch)
         torch.testing.assert_close(fast["loss"], eager["loss"], rtol=1e-5, atol=1e-5)
@@ -417,27 +385,14 @@ def test_modernbert_chunk_outputs_and_the_stitched_layers_give_the_same_probe(tm
     from test_evaluation import synthetic_labelled
 
     from pretrain.config import config_from_dict
-    from pretrain.decouple.layout import Layout
-    from pretrain.decouple.pipeline import Pipeline
-    from pretrain.decouple.run import build_chunked_model
-    from pretrain.probe import build_probe, probe_layers
 
     labelled = tmp_path / "labelled.jsonl"
     labelled.write_text("".join(json.dumps(e) + "\n" for e in synthetic_labelled(400)))
     tree = base_config("unused")
     tree["model"].update(arch="modernbert", modernbert=MODERNBERT)
     tree["train"]["probe"] = {"data": str(labelled), "n_train": 200, "n_test": 100}
-    cfg = config_from_dict(tree)
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    model, _ = build_chunked_model(cfg, tok)
+    chunked, stitched, model, _ = probes_both_routes(config_from_dict(tree), make_tokenizer())
     assert type(model.model).__name__ == "ModernBertForMaskedLM"
-    pipeline = Pipeline(model, cfg, Layout("simulated", 2, 1, 0), torch.device("cpu"))
-    pipeline.probe = probe = build_probe(cfg, model.objective, tok, torch.device("cpu"))
-    model.eval()
-    with torch.no_grad():
-        chunked = pipeline._probe_chunk_outputs()
-    stitched = probe_layers(probe, model.objective, model.model, "all")
     assert set(chunked) == {"probe_acc_layer2", "probe_acc_layer4"}
     assert set(stitched) == {f"probe_acc_layer{n}" for n in (1, 2, 3, 4)}
     assert all(chunked[k] == stitched[k] for k in chunked)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import make_tokenizer, packed_examples, tiny_model_config, train_records
+from helpers import gradients, make_tokenizer, packed_batch, tiny_model_config, train_records, worker_run
 from objectives import BACKBONES, IGNORE_INDEX, get_objective
 from objectives.backbones import ModernBertOptions
 from objectives.electra import gumbel_sample
@@ -48,24 +48,6 @@ def build(tokenizer, arch: str, generator_size: float = 0.25, **options):
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     return objective, model
-
-
-def make_batch(tokenizer, objective, padded: bool):
-    """3 blocks of 32 tokens; ``padded``: the last one cut to 20."""
-    examples = [dict(e, index=i) for i, e in enumerate(packed_examples(tokenizer, 3, length=32))]
-    if padded:
-        examples[-1] = {k: (v[:20] if isinstance(v, list) else v) for k, v in examples[-1].items()}
-    batch = objective.collate(examples)
-    assert batch["padded"] is padded
-    return batch
-
-
-def gradients(model, loss) -> dict[str, torch.Tensor]:
-    model.zero_grad()
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    return grads
 
 
 def reference_loss(model, batch, disc_input_ids):
@@ -117,7 +99,7 @@ def test_loss_and_gradients_equal_the_stock_reference(tokenizer, arch, padded, g
     """Our loss (sparse generator head, Gumbel-max corruption, BCE) equals the reference on the block we corrupted,
     with the same gradient on every parameter, also on the fast path's static shapes."""
     objective, model = build(tokenizer, arch, generator_size)
-    batch = make_batch(tokenizer, objective, padded)
+    batch = packed_batch(tokenizer, objective, padded)
     aux = objective.loss_sums(model, batch)[3]
     assert 0 < aux["replaced"].sum() < batch["attention_mask"].sum()  # both classes are present
     reference, _ = reference_loss(model, batch, aux["disc_input_ids"])
@@ -139,7 +121,7 @@ def test_replacements_are_the_gumbel_samples_of_the_stock_generator(tokenizer, a
     """The corrupted block holds, at each masked position, argmax(stock generator logits / T + Gumbel noise keyed
     by (seed, sample index, position)): the sampling every arch shares."""
     objective, model = build(tokenizer, arch, temperature=0.7)
-    batch = make_batch(tokenizer, objective, padded=True)
+    batch = packed_batch(tokenizer, objective, padded=True)
     with torch.no_grad():
         aux = objective.loss_sums(model, batch)[3]
         _, logits = reference_loss(model, batch, aux["disc_input_ids"])
@@ -157,7 +139,7 @@ def test_disc_loss_sends_no_gradient_into_a_generator_with_its_own_embeddings(to
     objective, model = build(tokenizer, arch)
     objective.config.disc_weight = 1.0
     objective.loss_parts = {"gen_loss": ("n_masked", 0.0), "disc_loss": ("n_tokens", 1.0)}
-    out = objective(model, make_batch(tokenizer, objective, padded=False))
+    out = objective(model, packed_batch(tokenizer, objective, padded=False))
     gen = torch.autograd.grad(out["loss"], list(model.generator.parameters()), allow_unused=True)
     assert all(g is None or not g.any() for g in gen)
     disc = torch.autograd.grad(out["loss"], list(model.discriminator.parameters()), allow_unused=True)
@@ -172,7 +154,7 @@ def test_the_fast_path_keeps_the_loss_and_traces_the_step_as_one_graph(tokenizer
     from pretrain.steps.backprop import PretrainModule
 
     objective, model = build(tokenizer, arch)
-    batch = make_batch(tokenizer, objective, padded=False)
+    batch = packed_batch(tokenizer, objective, padded=False)
     eager = objective(model, batch)["loss"]
     apply_fast_path(model, objective, 32)
     assert objective.static_shapes
@@ -198,7 +180,7 @@ def test_exports_reload_through_their_auto_classes_in_a_fresh_process(tokenizer,
 
     objective, model = build(tokenizer, arch, generator_size)
     model.eval()
-    batch = make_batch(tokenizer, objective, padded=False)
+    batch = packed_batch(tokenizer, objective, padded=False)
     cfg = load_config(None, ["data.files=[x.txt]", "objective.name=electra",
                              *(MODERNBERT_OVERRIDES if arch == "modernbert" else [f"model.arch={arch}"])])
     write_export(objective, model, tmp_path / "export", tokenizer, cfg, sample=batch["original_ids"])
@@ -218,24 +200,6 @@ def test_exports_reload_through_their_auto_classes_in_a_fresh_process(tokenizer,
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(gen(input_ids=ids).logits, model.generator(input_ids=ids).logits,
                                    rtol=1e-5, atol=1e-5)
-
-
-def worker_run(output_dir, overrides, monkeypatch):
-    """``decouple_worker.main`` in this process, one thread, without the fresh-process export check."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent / "dist"))
-    import decouple_worker
-
-    monkeypatch.setenv("SKIP_ROUNDTRIP", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        decouple_worker.main(str(output_dir), overrides)
-    finally:
-        torch.set_num_threads(threads)
-    return train_records(output_dir)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -280,7 +244,7 @@ def test_chunks_recompose_the_models_loss(tokenizer, arch, generator_size):
     for chunks, boundaries in ((2, [1]), (3, [1, 2])):
         objective, model = build(tokenizer, arch, generator_size)
         model.eval()
-        batch = make_batch(tokenizer, objective, padded=True)
+        batch = packed_batch(tokenizer, objective, padded=True)
         chunked = ChunkedModel(model, objective, DecoupleConfig(mode="local", chunks=chunks, boundaries=boundaries,
                                                                 aux_head="layer")).eval()
         owned = [{id(p) for p in chunked.chunk_parameters(k)} for k in range(chunks)]

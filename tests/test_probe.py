@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from distributed import torchrun
-from helpers import make_tokenizer, toy_corpus, write_tiny_config
+from helpers import make_tokenizer, probes_both_routes, toy_corpus, write_tiny_config
 from test_evaluation import synthetic_labelled
 
 ROOT = Path(__file__).parent.parent
@@ -48,22 +47,8 @@ def test_chunk_outputs_and_the_stitched_models_layers_give_the_same_probe(labell
     """The pipeline's route (chunk by chunk, heads off) and the backprop route (stem, then layers) read the same
     features of the same weights: the same accuracies, every layer number a chunk ends at. A keyword marks each
     class, so even a random encoder's mean-pooled features beat the majority class."""
-    from pretrain.decouple.layout import Layout
-    from pretrain.decouple.pipeline import Pipeline
-    from pretrain.decouple.run import build_chunked_model
-    from pretrain.probe import build_probe, probe_layers
-
-    cfg = probe_cfg(labelled, chunks=2)
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    model, collator = build_chunked_model(cfg, tok)
-    pipeline = Pipeline(model, cfg, Layout("simulated", 2, 1, 0), torch.device("cpu"))
-    pipeline.probe = probe = build_probe(cfg, model.objective, tok, torch.device("cpu"))
+    chunked, stitched, _, probe = probes_both_routes(probe_cfg(labelled, chunks=2), make_tokenizer())
     assert len(probe.order) == 300 and sorted(probe.order.tolist()) == list(range(300))
-    model.eval()
-    with torch.no_grad():
-        chunked = pipeline._probe_chunk_outputs()
-    stitched = probe_layers(probe, model.objective, model.model, "all")
     assert set(chunked) == {"probe_acc_layer2", "probe_acc_layer4"}
     assert set(stitched) == {f"probe_acc_layer{n}" for n in (1, 2, 3, 4)}
     assert all(chunked[k] == stitched[k] for k in chunked)
