@@ -26,10 +26,11 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
+
+from .arms import cpu_name
 
 LAMBDAS = (0.0, 10.0, 100.0, 1000.0)
 
@@ -113,13 +114,6 @@ def paired(base: dict, other: dict, key: str) -> dict:
     mean = d.sum() / n.sum()
     se = (len(d) / (len(d) - 1) * ((d - mean * n) ** 2).sum()) ** 0.5 / n.sum()
     return {"diff": float(mean), "se": float(se)}
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def markdown(results: dict) -> str:
