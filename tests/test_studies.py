@@ -71,7 +71,7 @@ def test_archs_study_trains_scores_and_reports_every_arm(tmp_path):
     results = tmp_path / "results"
     argv = ["--arms", *arms, "--steps", "4", "--out", str(tmp_path / "runs"), "--results", str(results),
             "--probe-data", str(tmp_path / "probe.jsonl"), "--probe-train", "80", "--probe-test", "40",
-            "--eval-blocks", "8", "--threads", "1", "--override", "data.demo=[]",
+            "--eval-blocks", "8", "--threads", "1", "--jobs", "2", "--override", "data.demo=[]",
             f"data.files=[{tmp_path / 'corpus' / '*.txt'}]", f"data.cache_dir={tmp_path / 'cache'}",
             "data.block_size=32", "data.validation_fraction=0.1", "data.num_workers=0", "tokenizer.vocab_size=200",
             "model.hidden_size=32", "model.intermediate_size=64", "model.max_position_embeddings=64",

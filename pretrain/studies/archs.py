@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from objectives import BACKBONES
 
-from .arms import Arm, Study, fmt, parse_args, pick
+from .arms import Arm, Study, fmt, parse_args, pick, threads_text
 from .arms import main as run_study
 
 ARCHS = ("bert", "roberta", "modernbert")
@@ -107,8 +107,8 @@ def markdown(report: dict) -> str:
     probe = next((r["probe"] for r in report["evaluations"].values() if "probe" in r), {})
     lines = [STUDY.section, "",
              f"Measured {report['date']} on **{host['cpu']} ({host['cores']} cores), CPU only** (GPU: not measured); "
-             f"torch {host['torch']}, transformers {host['transformers']}, {report['threads']} torch thread(s) per "
-             "run. Other jobs may share the machine: the load column is the mean 1-minute load average during each "
+             f"torch {host['torch']}, transformers {host['transformers']}, {threads_text(report)}. "
+             "Other jobs may share the machine: the load column is the mean 1-minute load average during each "
              "run. Command:", "", "```bash", report["command"], "```", "",
              "Every arm: demo corpus (bible + pydoc + gcide; WordNet glosses are not in it), WordPiece 8192, blocks "
              f"of 128, **{steps} steps × 32 blocks = {steps * 32 * 128 / 1e6:.1f}M tokens**, 2 layers × 128 (2 "

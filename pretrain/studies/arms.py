@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -255,6 +256,12 @@ def pick(result: dict) -> dict:
     return out
 
 
+def threads_text(report: dict) -> str:
+    """How the arms shared the CPU, for a section's first paragraph."""
+    jobs = report.get("jobs", 1)
+    return f"{report['threads']} torch thread(s) per run" + (f", {jobs} runs at a time" if jobs > 1 else "")
+
+
 def fmt(x, digits=3):
     return "–" if x is None else f"{x:.{digits}f}"
 
@@ -290,6 +297,9 @@ def parse_args(study: Study, doc: str, argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run (OMP_NUM_THREADS); 1 avoids oversubscription when other jobs "
                              "share the cores (default: torch's choice)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="arms trained at once, each its own process of --threads threads (2 x 1 thread fills 2 "
+                             "cores); the evaluation then runs with jobs x threads threads")
     parser.add_argument("--note", action="append", default=[], help="a line added under the table")
     parser.add_argument("--from-json", type=Path, help=f"re-render RESULTS.md from a raw {study.name}-<date>.json "
                                                        "(no training or evaluation); --note lines replace its notes")
@@ -333,8 +343,11 @@ def main(study: Study, args, plan: Callable, finish: Callable, markdown: Callabl
     for arm, cfg in configs.items():
         flops[arm] = step_flops(cfg)
         print(f"[flops {arm}] {flops[arm]['train_flops_per_step'] / 1e9:.2f} GFLOP/step", flush=True)
-    runs = {arm: train_arm(study, args, arm) for arm in configs}
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # each arm is a subprocess: threads only wait on them
+        runs = dict(zip(configs, pool.map(lambda arm: train_arm(study, args, arm), configs)))
     train_done = time.perf_counter()
+    if args.threads and args.jobs > 1:
+        torch.set_num_threads(args.threads * args.jobs)
     evaluations = evaluate(args, plan(args, configs))
     report = {
         "date": datetime.date.today().isoformat(), "steps": args.steps,
@@ -344,7 +357,7 @@ def main(study: Study, args, plan: Callable, finish: Callable, markdown: Callabl
         "unsupported": unsupported,
         "host": {"cpu": cpu_name(), "cores": os.cpu_count(), "gpu": "not measured", "torch": torch.__version__,
                  "transformers": transformers.__version__, "python": platform.python_version()},
-        "threads": args.threads or torch.get_num_threads(), "runs": runs, "flops": flops,
+        "threads": args.threads or torch.get_num_threads(), "jobs": args.jobs, "runs": runs, "flops": flops,
         "evaluations": evaluations, "probe_train": args.probe_train, "probe_test": args.probe_test,
         "seconds": {"training": round(train_done - started, 1),
                     "evaluation": round(time.perf_counter() - train_done, 1),

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .arms import Arm, Study, fmt, parse_args, pick, read_metrics
+from .arms import Arm, Study, fmt, parse_args, pick, read_metrics, threads_text
 from .arms import main as run_study
 
 STUDY = Study(
@@ -112,7 +112,7 @@ def markdown(report: dict) -> str:
     host = report["host"]
     lines = [STUDY.section, "",
              f"Measured {report['date']} on **{host['cpu']} ({host['cores']} cores), CPU only** (GPU: not measured); "
-             f"torch {host['torch']}, transformers {host['transformers']}, {report['threads']} torch thread(s) per run. "
+             f"torch {host['torch']}, transformers {host['transformers']}, {threads_text(report)}. "
              "Other jobs may share the machine: the load column is the mean 1-minute load average during each "
              "run. Command:", "", "```bash", report["command"], "```", "",
              f"Every arm: demo corpus (bible + pydoc + gcide; WordNet glosses are not in it), WordPiece 8192, blocks "
