@@ -78,18 +78,23 @@ def build_probe(cfg, objective, tokenizer, device) -> ProbeSet | None:
 
 
 @torch.no_grad()
-def probe_layers(probe: ProbeSet, objective, model, layers) -> dict[str, float]:
+def probe_layers(probe: ProbeSet, objective, model, layers, share: tuple[int, int] = (0, 1)) -> dict[str, float]:
     """``probe_acc_layer{n}`` of an end-to-end ``model`` for each layer number in ``layers`` (``all``: every
-    one), through the objective's stem, layers and layer runner (in the model's current train/eval mode)."""
+    one), through the objective's stem, layers and layer runner (in the model's current train/eval mode).
+    ``share = (index, count)``: this caller fits only every count-th of those layers from the index-th on (data-
+    parallel replicas hold the same weights, so they split the fits and gather the scores)."""
     stem, blocks, runner = objective.stem(model), objective.layers(model), objective.layer_runner(model)
     wanted = range(1, len(blocks) + 1) if layers == "all" else layers
     if max(wanted) > len(blocks):
         raise ValueError(f"train.probe.layers {list(wanted)}: the model has {len(blocks)} layers")
-    pooled: dict[int, list[torch.Tensor]] = {n: [] for n in wanted}
+    index, count = share
+    pooled: dict[int, list[torch.Tensor]] = {n: [] for n in list(wanted)[index::count]}
+    if not pooled:
+        return {}
     for batch in probe.batches:
         hidden = stem(batch)[0]
         context = runner.context(hidden, batch)
-        for n, layer in enumerate(blocks[:max(wanted)], 1):
+        for n, layer in enumerate(blocks[:max(pooled)], 1):
             hidden = runner.run(layer, hidden, context)
             if n in pooled:
                 pooled[n].append(mean_pool(hidden, batch["attention_mask"]))

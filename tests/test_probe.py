@@ -47,12 +47,23 @@ def test_chunk_outputs_and_the_stitched_models_layers_give_the_same_probe(labell
     """The pipeline's route (chunk by chunk, heads off) and the backprop route (stem, then layers) read the same
     features of the same weights: the same accuracies, every layer number a chunk ends at. A keyword marks each
     class, so even a random encoder's mean-pooled features beat the majority class."""
-    chunked, stitched, _, probe = probes_both_routes(probe_cfg(labelled, chunks=2), make_tokenizer())
+    chunked, stitched, model, probe = probes_both_routes(probe_cfg(labelled, chunks=2), make_tokenizer())
     assert len(probe.order) == 300 and sorted(probe.order.tolist()) == list(range(300))
     assert set(chunked) == {"probe_acc_layer2", "probe_acc_layer4"}
     assert set(stitched) == {f"probe_acc_layer{n}" for n in (1, 2, 3, 4)}
     assert all(chunked[k] == stitched[k] for k in chunked)
     assert all(acc > 0.5 for acc in stitched.values())  # 3 balanced classes: the majority scores about 1/3
+    import torch
+
+    from pretrain.probe import probe_layers
+
+    # data-parallel replicas split the fits: 3 processes fit layers {1, 4}, {2} and {3}, which together are all
+    with torch.no_grad():
+        shares = [probe_layers(probe, model.objective, model.model, "all", share=(i, 3)) for i in range(3)]
+    assert [sorted(s) for s in shares] == [["probe_acc_layer1", "probe_acc_layer4"], ["probe_acc_layer2"],
+                                           ["probe_acc_layer3"]]
+    assert {k: v for s in shares for k, v in s.items()} == stitched
+    assert probe_layers(probe, model.objective, model.model, [2], share=(1, 2)) == {}
 
 
 def test_probe_config_is_checked():
@@ -66,7 +77,8 @@ def test_probe_config_is_checked():
 
 
 def test_runs_log_probes_and_distributed_equals_simulated(corpus, labelled, tmp_path):
-    """Backprop logs every layer; local K=2 logs each chunk's output, simulated and with 2 gloo processes alike."""
+    """Backprop logs every layer (2 data-parallel processes too); local K=2 logs each chunk's output, simulated and
+    with 2 gloo processes alike."""
     cfg = write_tiny_config(tmp_path / "c.yaml", corpus, tmp_path / "cache", max_steps=2)
     probe = [f"train.probe.data={labelled}", "train.probe.n_train=200", "train.probe.n_test=100",
              "model.hidden_dropout=0", "model.attention_dropout=0"]
@@ -85,6 +97,9 @@ def test_runs_log_probes_and_distributed_equals_simulated(corpus, labelled, tmp_
 
     backprop = final_eval("bp")
     assert {"probe_acc_layer1", "probe_acc_layer2"} <= set(backprop)
+    data_parallel = final_eval("bp-ddp", processes=2)  # each replica fits one layer's probe; the scores gathered
+    assert [k for k in data_parallel if k.startswith("probe_")] == ["probe_acc_layer1", "probe_acc_layer2"]
+    assert all(0 < data_parallel[k] <= 1 for k in ("probe_acc_layer1", "probe_acc_layer2"))
     simulated = final_eval("sim", *local)
     distributed = final_eval("dist", *local, processes=2)
     probes = {k: v for k, v in simulated.items() if k.startswith("probe_")}

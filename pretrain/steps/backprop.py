@@ -10,6 +10,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from torch import nn
 
 from ..checkpoint import load_checkpoint, save_checkpoint
@@ -167,9 +168,13 @@ class BackpropStep(StepStrategy):
             with a.autocast():
                 tracker.add({k: torch.zeros_like(v) for k, v in self.module(to_device(batch, a.device)).items()})
         metrics = tracker.compute(reduce=lambda x: a.reduce(x, "sum"))  # the same on every process
-        if self.probe is not None:  # every replica holds the same weights and texts: the same probe everywhere
+        if self.probe is not None:  # every replica holds the same weights and texts: each fits a share of the layers
             module = unwrap(self.module)
-            metrics.update(probe_layers(self.probe, module.objective, module.model, self.cfg.train.probe.layers))
+            scores = probe_layers(self.probe, module.objective, module.model, self.cfg.train.probe.layers,
+                                  share=(a.process_index, a.num_processes))
+            parts = gather_object([scores]) if a.num_processes > 1 else [scores]
+            scores = {k: v for part in parts for k, v in part.items()}
+            metrics.update(sorted(scores.items(), key=lambda kv: int(kv[0].removeprefix("probe_acc_layer"))))
         self.module.train()
         return metrics
 
