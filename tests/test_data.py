@@ -491,11 +491,13 @@ def _cache_files(path) -> dict:
 @pytest.mark.parametrize("docs, block_size, split_by", [(toy_docs(120), 32, "documents"),
                                                         (toy_docs(6, words=(20, 25)), 64, "blocks")])
 def test_blocks_are_byte_identical_for_any_num_proc(tmp_path, monkeypatch, docs, block_size, split_by):
-    """Documents cross block boundaries and batches of 7 (or 2) documents give every worker several shards, so a
-    shard boundary that broke the stream (carry, [SEP], word ids, the split) would show."""
+    """Documents cross block boundaries and batches of at most 7 (or 2) documents, cut shorter by the byte budget,
+    give every worker several shards, so a shard boundary that broke the stream (carry, [SEP], word ids, the split)
+    would show."""
     from pretrain.data import tokenize as tokenize_mod
 
     monkeypatch.setattr(tokenize_mod, "TOKENIZE_BATCH_DOCS", 7 if split_by == "documents" else 2)
+    monkeypatch.setattr(tokenize_mod, "TOKENIZE_BATCH_BYTES", 2 * max(len(d.encode()) for d in docs) - 1)
     path = write_jsonl(tmp_path / "c.jsonl", docs)
     built = {}
     for num_proc in (1, 2, 3):
@@ -506,6 +508,26 @@ def test_blocks_are_byte_identical_for_any_num_proc(tmp_path, monkeypatch, docs,
         shutil.rmtree(data.cache_path)  # the next one builds again
     assert built[1]["meta"]["splits"]["validation"]["blocks"] > 0
     assert built[2] == built[1] and built[3] == built[1]
+
+
+def test_document_ranges_cover_the_documents_in_order_within_both_budgets():
+    """Greedy runs of consecutive documents: no range over 4 documents or 100 bytes unless it is one document
+    longer than that, and no range could have taken its successor's first document."""
+    from datasets import Dataset
+
+    from pretrain.data.tokenize import document_ranges
+
+    rng = np.random.default_rng(0)
+    texts = ["é" * int(n) for n in rng.integers(0, 80, size=200)] + ["x" * 500, "", "y" * 30]
+    sizes = [len(t.encode()) for t in texts]  # "é" is 2 bytes: budgets count UTF-8 bytes, not characters
+    ranges = list(document_ranges(Dataset.from_dict({"text": texts}), max_docs=4, max_bytes=100))
+    assert [lo for lo, _ in ranges] == [0] + [hi for _, hi in ranges[:-1]] and ranges[-1][1] == len(texts)
+    for (lo, hi), following in zip(ranges, ranges[1:] + [None]):
+        assert hi - lo <= 4 and (sum(sizes[lo:hi]) <= 100 or hi - lo == 1)
+        if following is not None:  # greedy: the next document did not fit
+            assert hi - lo == 4 or sum(sizes[lo:hi + 1]) > 100
+    assert (200, 201) in ranges  # the 500-byte document alone
+    assert list(document_ranges(Dataset.from_dict({"text": []}))) == []
 
 
 def test_cache_made_with_one_process_is_reused_with_two(tmp_path, corpus_file, monkeypatch):

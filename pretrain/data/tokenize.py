@@ -1,9 +1,11 @@
 """Tokenization with word ids, in ``num_proc`` processes, streamed in corpus order.
 
-``tokenize_documents(docs, tokenizer, num_proc)`` yields one ``(ids, word_ids, lengths)`` batch per
-``TOKENIZE_BATCH_DOCS`` documents, always in the order of ``docs``: the pool's results are consumed in submission
-order, so the stream (and everything packed from it) is byte-identical for any ``num_proc``. At most
-``2 * num_proc`` batches are in flight, so memory is bounded by the batch size, not by the corpus.
+``tokenize_documents(docs, tokenizer, num_proc)`` yields one ``(ids, word_ids, lengths)`` batch per run of
+consecutive documents of at most ``TOKENIZE_BATCH_BYTES`` of UTF-8 text and ``TOKENIZE_BATCH_DOCS`` documents (a
+longer document is a batch of its own), always in the order of ``docs``: the pool's results are consumed in
+submission order, so the stream (and everything packed from it) is byte-identical for any ``num_proc``. At most
+``2 * num_proc`` batches are in flight, so memory is bounded by the batch's bytes, not by the corpus or by how long
+its documents are (a count of documents alone let 1000 book-length documents into one batch).
 
 Forking and the Rust tokenizer: the ``tokenizers`` thread pool does not survive ``fork`` (a child that uses it can
 deadlock; the library then prints "The current process just got forked, after parallelism has already been used"
@@ -24,10 +26,13 @@ from collections import deque
 from typing import Iterator
 
 import numpy as np
+import pyarrow.compute as pc
 from datasets import Dataset
 
-#: documents per tokenizer call (and per task of a worker)
+#: at most this many documents per tokenizer call (and per task of a worker) ...
 TOKENIZE_BATCH_DOCS = 1000
+#: ... and at most this much UTF-8 text (about 250k tokens of English: ~40 MB of the tokenizer's encodings)
+TOKENIZE_BATCH_BYTES = 1 << 20
 
 #: (documents, tokenizer) of a worker process, set by its initializer
 _worker: tuple[Dataset, object] | None = None
@@ -53,28 +58,50 @@ def encode(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 def tokenize_documents(docs: Dataset, tokenizer, num_proc: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray,
                                                                                      np.ndarray]]:
-    """``encode`` of ``docs["text"]`` per batch of ``TOKENIZE_BATCH_DOCS`` documents, in order, on ``num_proc``
-    processes (1: in this process)."""
-    ranges = [(lo, min(lo + TOKENIZE_BATCH_DOCS, len(docs))) for lo in range(0, len(docs), TOKENIZE_BATCH_DOCS)]
+    """``encode`` of ``docs["text"]`` per batch of :func:`document_ranges`, in order, on ``num_proc`` processes (1:
+    in this process)."""
+    ranges = document_ranges(docs)
+    first = list(itertools.islice(ranges, max(2, num_proc)))  # no more workers than batches
+    ranges = itertools.chain(first, ranges)
     with _one_tokenizer_thread():
-        if num_proc == 1 or len(ranges) <= 1:
+        if num_proc == 1 or len(first) <= 1:
             for lo, hi in ranges:
                 yield encode(tokenizer, docs[lo:hi]["text"])
             return
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        with context.Pool(min(num_proc, len(ranges)), _init_worker, (docs, tokenizer)) as pool:
-            todo, pending = iter(ranges), deque()
-            for bounds in todo:
+        with context.Pool(min(num_proc, len(first)), _init_worker, (docs, tokenizer)) as pool:
+            pending = deque()
+            for bounds in ranges:
                 pending.append(pool.apply_async(_encode_rows, (bounds,)))
                 if len(pending) == 2 * num_proc:
                     break
             while pending:
                 result = pending.popleft().get()
-                bounds = next(todo, None)
+                bounds = next(ranges, None)
                 if bounds is not None:
                     pending.append(pool.apply_async(_encode_rows, (bounds,)))
                 yield result
+
+
+def document_ranges(docs: Dataset, max_docs: int | None = None, max_bytes: int | None = None) -> Iterator[
+        tuple[int, int]]:
+    """Consecutive ``(lo, hi)`` row ranges covering ``docs`` in order, each of at most ``max_docs`` documents
+    (default ``TOKENIZE_BATCH_DOCS``) and ``max_bytes`` of UTF-8 text (default ``TOKENIZE_BATCH_BYTES``), or one
+    document that alone is longer. The lengths are read ``max_docs`` rows at a time, lazily."""
+    max_docs = max_docs or TOKENIZE_BATCH_DOCS
+    max_bytes = max_bytes or TOKENIZE_BATCH_BYTES
+    rows = docs.with_format("arrow")
+    start, size = 0, 0
+    for window in range(0, len(docs), max_docs):
+        lengths = pc.fill_null(pc.binary_length(rows[window:window + max_docs]["text"]), 0).to_numpy()
+        for i, n_bytes in enumerate(lengths.tolist(), window):
+            if i > start and (size + n_bytes > max_bytes or i - start == max_docs):
+                yield start, i
+                start, size = i, 0
+            size += n_bytes
+    if len(docs) > start:
+        yield start, len(docs)
 
 
 @contextlib.contextmanager
