@@ -301,10 +301,8 @@ def finetune(model: str | os.PathLike, data: LabelledData, out_dir: str | os.Pat
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments)
 
-    try:
-        import sklearn  # noqa: F401  (metrics; an optional dependency of the package)
-    except ImportError as e:
-        raise FinetuneError("fine-tuning reports accuracy/F1 with scikit-learn: pip install scikit-learn") from e
+    if importlib.util.find_spec("sklearn") is None:  # the metrics' (an optional dependency of the package)
+        raise FinetuneError("fine-tuning reports accuracy/F1 with scikit-learn: pip install scikit-learn")
     if not 0.0 <= warmup_ratio < 1.0:
         raise FinetuneError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
     if not data.train or not data.eval:
