@@ -9,7 +9,8 @@ read that file (ours as ``data.files``), so they see the same documents. The tok
 corpus once and cached), saved to ``{work}/tokenizer`` and loaded from there by every arm.
 
 Every run is a fresh process (``python -m pretrain.bench.data``: ``arm_main``) on an empty cache directory, then a
-second fresh process on the cache it left (the cached call). For each size, ``--repeat`` rounds of HF 1, ours 1, HF N,
+second fresh process on the cache it left (the cached call), then a third on an empty cache again (the memory
+sample). For each size, ``--repeat`` rounds of HF 1, ours 1, HF N,
 ours N (A/B/A/B: the two ways share the machine's noise). Per run:
 
 * ``seconds``: the preparation call, timed inside the process (loading the tokenizer, the text into Arrow,
@@ -17,7 +18,8 @@ ours N (A/B/A/B: the two ways share the machine's noise). Per run:
   corpus tokens are the documents' tokens without special tokens: the same number for every arm (recorded per run);
 * ``peak_pss_anon_mb``: the largest sum, over the process tree (the arm and its workers), of ``Pss_Anon`` from
   ``/proc/<pid>/smaps_rollup``, sampled every ``SAMPLE_S``: anonymous memory, pages that forked workers share counted
-  once, page cache (the memory-mapped Arrow and .npy files) excluded;
+  once, page cache (the memory-mapped Arrow and .npy files) excluded. Sampling takes CPU from the arm, so it runs in a
+  third call of the arm on an empty cache, which is not timed;
 * ``disk_bytes_per_token``: the bytes of every file the first call left in its cache directory, per corpus token
   (ours: the Arrow copy of the text that ``datasets`` makes, and the blocks with their word ids; HF: the Arrow text,
   the tokenized and the grouped datasets);
@@ -151,17 +153,19 @@ def tree_pss_anon(root: int) -> int:
     return total
 
 
-def run_measured(cmd: list[str], result: Path, log: Path) -> tuple[dict, int]:
-    """Run ``cmd`` (an arm writing ``result``), sampling its tree's memory; returns (its result, peak Pss_Anon)."""
+def run_measured(cmd: list[str], result: Path, log: Path, sample: bool = True) -> tuple[dict, int]:
+    """Run ``cmd`` (an arm writing ``result``), sampling its tree's memory when ``sample``; returns (its result, peak
+    Pss_Anon, 0 unsampled)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     peak = 0
     result.unlink(missing_ok=True)
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        while proc.poll() is None:
+        while sample and proc.poll() is None:
             peak = max(peak, tree_pss_anon(proc.pid))
             time.sleep(SAMPLE_S)
+        proc.wait()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log.read_text()[-4000:]}")
     return json.loads(result.read_text()), peak
@@ -189,7 +193,9 @@ def write_corpus(lines: list[str], path: Path, size_bytes: int) -> int:
 
 
 def measure(args, way: str, num_proc: int, corpus: Path, tokenizer: Path, block_size: int) -> dict:
-    """One run of an arm: the first call on an empty cache, then the cached call; the cache is removed after."""
+    """One run of an arm: the timed first call on an empty cache, the cached call, then a third, untimed call on an
+    empty cache whose memory is sampled (reading every process's ``smaps_rollup`` ten times a second takes CPU
+    from the arm: it slowed two processes on two cores by about a tenth); the cache is removed after."""
     cache = args.work / f"cache-{way}-{num_proc}"
     shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True)
@@ -198,9 +204,12 @@ def measure(args, way: str, num_proc: int, corpus: Path, tokenizer: Path, block_
            "--tokenizer", str(tokenizer), "--block-size", str(block_size), "--num-proc", str(num_proc),
            "--cache", str(cache), "--result", str(result)]
     load = os.getloadavg()[0]
-    first, peak = run_measured(cmd, result, log)
+    first, _ = run_measured(cmd, result, log, sample=False)
     disk = directory_bytes(cache)
-    cached, _ = run_measured(cmd, result, log)
+    cached, _ = run_measured(cmd, result, log, sample=False)
+    shutil.rmtree(cache)
+    cache.mkdir()
+    _, peak = run_measured(cmd, result, log)
     shutil.rmtree(cache)
     tokens = first["corpus_tokens"]
     return {"way": way, "num_proc": num_proc, "arm": f"{way}-{num_proc}proc", "load_avg_1m": load,
@@ -267,7 +276,8 @@ def suite_data(args) -> dict:
         "config": str(args.config), "block_size": cfg.data.block_size, "sizes_mb": args.sizes_mb,
         "num_proc": args.num_proc, "repeat": args.repeat, "round": [f"{w}-{n or args.num_proc}proc" for w, n in ROUND],
         "memory": f"peak over samples every {SAMPLE_S} s of the sum of Pss_Anon (/proc/<pid>/smaps_rollup) over the "
-                  "arm's process tree: anonymous memory, shared pages counted once, page cache excluded",
+                  "arm's process tree: anonymous memory, shared pages counted once, page cache excluded; sampled "
+                  "in a third, untimed call on an empty cache (the timed calls run unsampled)",
         "disk": "bytes of the files the first call left in its cache directory, per corpus token",
         "tokens": "corpus tokens: the documents' tokens without special tokens (the same for every arm)"},
         "runs": []}
