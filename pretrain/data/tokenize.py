@@ -34,6 +34,8 @@ from datasets import Dataset
 TOKENIZE_BATCH_DOCS = 1000
 #: ... and at most this much UTF-8 text (about 250k tokens of English: ~40 MB of the tokenizer's encodings)
 TOKENIZE_BATCH_BYTES = 1 << 20
+#: rows whose text lengths are read at once (a dataset with an indices mapping copies their text to measure it)
+LENGTH_WINDOW_DOCS = 64
 
 #: (documents, tokenizer) of a worker process, set by its initializer
 _worker: tuple[Dataset, object] | None = None
@@ -89,13 +91,14 @@ def document_ranges(docs: Dataset, max_docs: int | None = None, max_bytes: int |
         tuple[int, int]]:
     """Consecutive ``(lo, hi)`` row ranges covering ``docs`` in order, each of at most ``max_docs`` documents
     (default ``TOKENIZE_BATCH_DOCS``) and ``max_bytes`` of UTF-8 text (default ``TOKENIZE_BATCH_BYTES``), or one
-    document that alone is longer. The lengths are read ``max_docs`` rows at a time, lazily."""
+    document that alone is longer. The lengths are read ``LENGTH_WINDOW_DOCS`` rows at a time, lazily, so the
+    parent never holds more than that many documents' text (a selection of rows copies the text it measures)."""
     max_docs = max_docs or TOKENIZE_BATCH_DOCS
     max_bytes = max_bytes or TOKENIZE_BATCH_BYTES
     rows = docs.with_format("arrow")
     start, size = 0, 0
-    for window in range(0, len(docs), max_docs):
-        lengths = pc.fill_null(pc.binary_length(rows[window:window + max_docs]["text"]), 0).to_numpy()
+    for window in range(0, len(docs), LENGTH_WINDOW_DOCS):
+        lengths = pc.fill_null(pc.binary_length(rows[window:window + LENGTH_WINDOW_DOCS]["text"]), 0).to_numpy()
         for i, n_bytes in enumerate(lengths.tolist(), window):
             if i > start and (size + n_bytes > max_bytes or i - start == max_docs):
                 yield start, i
