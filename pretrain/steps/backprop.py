@@ -172,8 +172,7 @@ class BackpropStep(StepStrategy):
             module = unwrap(self.module)
             scores = probe_layers(self.probe, module.objective, module.model, self.cfg.train.probe.layers,
                                   share=(a.process_index, a.num_processes))
-            parts = gather_object([scores]) if a.num_processes > 1 else [scores]
-            scores = {k: v for part in parts for k, v in part.items()}
+            scores = {k: v for part in gather_object([scores]) for k, v in part.items()}  # 1 process: [scores]
             metrics.update(sorted(scores.items(), key=lambda kv: int(kv[0].removeprefix("probe_acc_layer"))))
         self.module.train()
         return metrics
