@@ -247,15 +247,19 @@ class TrainConfig:
     """Optimizer steps to train for."""
     lr: float = 1e-3
     """Peak learning rate."""
-    schedule: Literal["linear", "cosine", "constant", "onecycle"] = "linear"
-    """Decay after warmup: linear to min_lr_ratio x lr, cosine, or constant; or onecycle (Smith & Topin 2017, as
+    schedule: Literal["linear", "cosine", "constant", "wsd", "onecycle"] = "linear"
+    """Decay after warmup: linear to min_lr_ratio x lr, cosine, constant, or wsd (warmup-stable-decay: lr held,
+    then linear decay to min_lr_ratio x lr over the last wsd_decay_fraction of max_steps); or onecycle (Smith & Topin 2017, as
     torch's OneCycleLR with cosine annealing): LR lr/onecycle_div_factor -> lr over onecycle_pct_start of max_steps,
     then -> lr/(onecycle_div_factor x onecycle_final_div_factor), with Adam's beta1 cycled inversely (it replaces
     adam_beta1; warmup_steps and min_lr_ratio are not used). Find lr with scripts/lr_find.py."""
     warmup_steps: int = 100
-    """Linear warmup from 0 to lr over this many steps (linear, cosine, constant)."""
+    """Linear warmup from 0 to lr over this many steps (linear, cosine, constant, wsd)."""
     min_lr_ratio: float = 0.0
-    """Final LR as a fraction of lr (linear and cosine)."""
+    """Final LR as a fraction of lr (linear, cosine and wsd)."""
+    wsd_decay_fraction: float = 0.2
+    """wsd: fraction of max_steps at the end over which the LR decays (Hagele et al. 2024 find 0.2 matches cosine;
+    with decouple.until_step at the decay's start, the end-to-end phase gets the whole decay)."""
     onecycle_pct_start: float = 0.3
     """onecycle: fraction of max_steps spent raising the LR to its peak lr."""
     onecycle_div_factor: float = 25.0
@@ -302,6 +306,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not 0.0 < self.wsd_decay_fraction <= 1.0:
+            raise ValueError(f"train.wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction}")
         if not 0.0 < self.onecycle_pct_start < 1.0:
             raise ValueError(f"train.onecycle_pct_start must be in (0, 1), got {self.onecycle_pct_start}")
         for name in ("onecycle_div_factor", "onecycle_final_div_factor"):

@@ -7,11 +7,15 @@ import math
 
 
 def lr_at(step: int, *, lr: float, max_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float = 0.0,
-          pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4) -> float:
+          pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4,
+          decay_fraction: float = 0.2) -> float:
     """LR for optimizer step ``step`` (0-based).
 
     ``linear`` / ``cosine`` / ``constant``: linear warmup from 0 over ``warmup_steps`` (step 0 gets lr/warmup), then
     linear or cosine decay to ``min_lr_ratio * lr`` at ``max_steps``, or constant.
+    ``wsd`` (warmup-stable-decay): the same warmup, ``lr`` held until the last ``decay_fraction`` of ``max_steps``
+    (from step ``max_steps - round(decay_fraction * max_steps)`` on), then linear decay to ``min_lr_ratio * lr`` at
+    ``max_steps``.
     ``onecycle``: :func:`onecycle_at` (its own warm-up; ``warmup_steps`` and ``min_lr_ratio`` are not used)."""
     if schedule == "onecycle":
         return onecycle_at(step, lr=lr, max_steps=max_steps, pct_start=pct_start, div_factor=div_factor,
@@ -20,6 +24,10 @@ def lr_at(step: int, *, lr: float, max_steps: int, warmup_steps: int, schedule: 
         return lr * (step + 1) / warmup_steps
     if schedule == "constant":
         return lr
+    if schedule == "wsd":
+        decay_start = max(warmup_steps, max_steps - round(decay_fraction * max_steps))
+        progress = min(1.0, max(0, step - decay_start) / max(1, max_steps - decay_start))
+        return lr * (1.0 - (1.0 - min_lr_ratio) * progress)
     decay_steps = max(1, max_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     if schedule == "linear":
@@ -27,7 +35,7 @@ def lr_at(step: int, *, lr: float, max_steps: int, warmup_steps: int, schedule: 
     elif schedule == "cosine":
         factor = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
-        raise ValueError(f"unknown schedule '{schedule}'; choose linear, cosine, constant or onecycle")
+        raise ValueError(f"unknown schedule '{schedule}'; choose linear, cosine, constant, wsd or onecycle")
     return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * factor)
 
 
@@ -69,6 +77,7 @@ def lr_for(train_cfg, step: int) -> float:
         step, lr=train_cfg.lr, max_steps=train_cfg.max_steps, warmup_steps=train_cfg.warmup_steps,
         schedule=train_cfg.schedule, min_lr_ratio=train_cfg.min_lr_ratio, pct_start=train_cfg.onecycle_pct_start,
         div_factor=train_cfg.onecycle_div_factor, final_div_factor=train_cfg.onecycle_final_div_factor,
+        decay_fraction=train_cfg.wsd_decay_fraction,
     )
 
 

@@ -34,7 +34,7 @@ ROOT = Path(__file__).parent.parent
 HEAD_CONFIG = Path(__file__).parent / "fixtures" / "config-b2779d5.yaml"
 #: config fields added after b2779d5: an older config.yaml lacks them and loads to the same config (their defaults)
 ADDED_SINCE = ("data.num_proc", "train.ewc.fisher_data.num_proc", "decouple.overlap", "decouple.until_step",
-               "train.probe", "model.arch", "model.modernbert")
+               "train.probe", "model.arch", "model.modernbert", "train.wsd_decay_fraction")
 
 
 @dataclass

@@ -5,6 +5,7 @@ import torch
 
 from helpers import make_tokenizer, packed_examples
 from objectives import get_objective
+from pretrain.config import TrainConfig
 from pretrain.data.stream import StreamBatchSampler, StreamDataset, make_loader, validation_share
 from pretrain.schedules import lr_at
 
@@ -74,3 +75,17 @@ def test_lr_schedules(schedule):
         assert lr_at(110, **kw) == pytest.approx(0.1), "ends at min_lr_ratio * lr"
         mid = lr_at(60, **kw)
         assert mid == pytest.approx(0.55), "both reach the midpoint value halfway (linear: exactly; cosine: 0.5)"
+
+
+def test_wsd_schedule_holds_lr_then_decays_over_the_last_fraction():
+    kw = dict(lr=1.0, max_steps=110, warmup_steps=10, schedule="wsd", min_lr_ratio=0.1, decay_fraction=0.2)
+    lrs = [lr_at(s, **kw) for s in range(111)]
+    assert lrs[:10] == [lr_at(s, **{**kw, "schedule": "linear"}) for s in range(10)], "the same warmup"
+    decay_start = 110 - 22
+    assert set(lrs[9:decay_start + 1]) == {1.0}, "stable at lr up to the decay's first step"
+    assert all(a > b for a, b in zip(lrs[decay_start:], lrs[decay_start + 1:])), "then strictly decaying"
+    assert lrs[99] == pytest.approx(0.55) and lrs[110] == pytest.approx(0.1), "linearly, to min_lr_ratio * lr"
+    assert lr_at(5, **{**kw, "decay_fraction": 1.0}) == lrs[5] and lr_at(60, **{**kw, "decay_fraction": 1.0}) == \
+        pytest.approx(0.55), "a decay over all of max_steps starts after the warmup: the linear schedule"
+    with pytest.raises(ValueError, match="wsd_decay_fraction"):
+        TrainConfig(schedule="wsd", wsd_decay_fraction=0.0)
