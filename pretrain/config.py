@@ -249,10 +249,11 @@ class TrainConfig:
     """Peak learning rate."""
     schedule: Literal["linear", "cosine", "constant", "wsd", "onecycle"] = "linear"
     """Decay after warmup: linear to min_lr_ratio x lr, cosine, constant, or wsd (warmup-stable-decay: lr held,
-    then linear decay to min_lr_ratio x lr over the last wsd_decay_fraction of max_steps); or onecycle (Smith & Topin 2017, as
-    torch's OneCycleLR with cosine annealing): LR lr/onecycle_div_factor -> lr over onecycle_pct_start of max_steps,
-    then -> lr/(onecycle_div_factor x onecycle_final_div_factor), with Adam's beta1 cycled inversely (it replaces
-    adam_beta1; warmup_steps and min_lr_ratio are not used). Find lr with scripts/lr_find.py."""
+    then linear decay to min_lr_ratio x lr over the last wsd_decay_fraction of max_steps); or onecycle (Smith &
+    Topin 2017, as torch's OneCycleLR with cosine annealing): LR lr/onecycle_div_factor -> lr over
+    onecycle_pct_start of max_steps, then -> lr/(onecycle_div_factor x onecycle_final_div_factor), with Adam's beta1
+    cycled inversely (it replaces adam_beta1; warmup_steps and min_lr_ratio are not used). Find lr with
+    scripts/lr_find.py."""
     warmup_steps: int = 100
     """Linear warmup from 0 to lr over this many steps (linear, cosine, constant, wsd)."""
     min_lr_ratio: float = 0.0
