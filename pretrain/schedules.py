@@ -24,13 +24,11 @@ def lr_at(step: int, *, lr: float, max_steps: int, warmup_steps: int, schedule: 
         return lr * (step + 1) / warmup_steps
     if schedule == "constant":
         return lr
+    decay_start = warmup_steps  # wsd: the linear decay, started late
     if schedule == "wsd":
         decay_start = max(warmup_steps, max_steps - round(decay_fraction * max_steps))
-        progress = min(1.0, max(0, step - decay_start) / max(1, max_steps - decay_start))
-        return lr * (1.0 - (1.0 - min_lr_ratio) * progress)
-    decay_steps = max(1, max_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    if schedule == "linear":
+    progress = min(1.0, max(0, step - decay_start) / max(1, max_steps - decay_start))
+    if schedule in ("linear", "wsd"):
         factor = 1.0 - progress
     elif schedule == "cosine":
         factor = 0.5 * (1.0 + math.cos(math.pi * progress))
