@@ -489,10 +489,11 @@ RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.eval_every", "train
                      "decouple.runtime", "model.fast")
 
 
-def config_differences(old: dict, new: dict) -> list[str]:
-    """Dotted keys whose values differ between two config dicts, ignoring ``RESUMABLE_CHANGES``. A key ``old``
-    lacks counts as its default: a config saved before the key existed ran with it (e.g. ``decouple.overlap``)."""
-    return config_io.differences(_with_defaults(old, new, Config), new, RESUMABLE_CHANGES)
+def config_differences(old: dict, new: dict, ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
+    """Dotted keys whose values differ between two config dicts, ignoring the keys (and sections) in ``ignore``. A
+    key ``old`` lacks counts as its default: a config saved before the key existed ran with it (e.g.
+    ``decouple.overlap``)."""
+    return config_io.differences(_with_defaults(old, new, Config), new, ignore)
 
 
 def _with_defaults(old: dict, new: dict, cls: type) -> dict:

@@ -114,7 +114,7 @@ def test_decouple_suite_runs_the_baselines_and_two_process_pipelines(benchmark, 
     assert summary["local-K2-2proc-1thread"]["processes"] == 2
 
 
-def test_quality_suite_trains_every_arm_and_reports_curves(benchmark, tmp_path):
+def test_quality_suite_trains_every_arm_and_reports_curves(benchmark, tmp_path, capsys):
     """Real runs (2-process arms by torchrun) of a 2 x 32 model: curves, G at equal tokens and wall time, PNG."""
     from helpers import toy_corpus, write_tiny_config
 
@@ -145,6 +145,12 @@ def test_quality_suite_trains_every_arm_and_reports_curves(benchmark, tmp_path):
     assert summary["backprop-2threads"]["time_to_backprop_final_s"] == pytest.approx(curves["backprop-2threads"]
                                                                                      ["wall_s"][-1])
     assert benchmark.main(argv) == 0, "a second call reads the finished runs"
+    metrics = {p: p.read_bytes() for p in (tmp_path / "runs").rglob("metrics.jsonl")}
+    other = [*argv[:argv.index("--arms") + 1], "local-K2", *argv[argv.index("--eval-every"):], "train.lr=3e-3"]
+    assert benchmark.main(other) == 2, "a run of another protocol is refused, not read as this one"
+    err = capsys.readouterr().err
+    assert "local-K2-seed0 holds a run of another protocol" in err and "train.lr: 0.001 -> 0.003" in err, err
+    assert "--out-runs" in err and {p: p.read_bytes() for p in metrics} == metrics
 
 
 def test_quality_curves_charge_no_evaluation_time_to_training(tmp_path):

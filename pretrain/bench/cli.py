@@ -69,13 +69,13 @@ from pathlib import Path
 
 from objectives import BACKBONES
 
-from ..config import usable_cores
+from ..config import ConfigError, usable_cores
 from .common import PRESETS, default_out
 from .data import suite_data
 from .decouple import run_worker, suite_decouple
 from .e2e import suite_e2e
 from .quality import ARMS as QUALITY_ARMS
-from .quality import SHAPES, suite_quality
+from .quality import SHAPES, ProtocolError, suite_quality
 from .step import OUR_VARIANTS, suite_step
 
 
@@ -173,7 +173,11 @@ def main(argv=None) -> int:
         return 0
     suites = {"decouple": suite_decouple, "step": suite_step, "e2e": suite_e2e, "quality": suite_quality,
               "data": suite_data}
-    results = suites[args.suite](args)
+    try:
+        results = suites[args.suite](args)
+    except (ConfigError, ProtocolError) as e:  # bad input: one message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = args.out or default_out(args.suite)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")

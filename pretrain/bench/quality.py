@@ -22,7 +22,8 @@ record). Reported per shape, averaged over seeds:
 Writes ``benchmarks/quality-<date>.json`` and a PNG beside it (loss vs tokens and vs wall clock, one row per shape).
 Runs are resumable: an arm whose output directory already holds its final evaluation is read, not re-run, and an
 interrupted arm resumes from its checkpoint at its last evaluation (its output goes to ``<arm>-seed<s>.log`` beside
-it, so it also outlives a killed benchmark process).
+it, so it also outlives a killed benchmark process). Before any arm trains, every existing arm directory is checked
+against the protocol asked for (config and processes): one of another protocol is refused, never mixed in.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 
+from ..config import config_differences, config_to_dict, load_config
 from .common import default_out, environment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,19 +66,54 @@ SHAPES = {
 BASELINE, CONTROL = "backprop-2threads", "frozen-lower-K2"
 
 
+class ProtocolError(ValueError):
+    """An arm's run directory holds a run of another protocol."""
+
+
+#: config keys that change neither what an arm learns nor how fast (where the cache is, logging, loader processes)
+NOT_COMPARED = ("output_dir", "data.cache_dir", "data.num_workers", "data.num_proc", "train.ewc.fisher_data.num_proc",
+                "log.")
+
+
+def run_dir(args, shape: str, arm: str, seed: int) -> Path:
+    return args.out_runs / shape / f"{arm}-seed{seed}"
+
+
+def arm_overrides(args, shape: str, arm: str, seed: int) -> list[str]:
+    """The dotted overrides of ``scripts/pretrain.py`` for one arm on one shape and seed."""
+    formatted = (o.format(switch=max(1, round(args.switch_at * args.steps)), half=args.batch // 2,
+                          eval2=2 * args.eval_batches) for o in ARMS[arm][2])
+    return [f"output_dir={run_dir(args, shape, arm, seed)}", f"train.seed={seed}", f"train.max_steps={args.steps}",
+            f"train.eval_every={args.eval_every}", f"train.log_every={args.eval_every}",
+            f"train.eval_batches={args.eval_batches}", f"train.micro_batch_size={args.batch}", "train.grad_accum=1",
+            f"train.save_every={args.eval_every}", "log.tensorboard=false", *SHAPES[shape], *formatted, *args.override]
+
+
+def check_existing(args, shape: str, arm: str, seed: int) -> None:
+    """Refuse to read or resume an arm's directory that holds a run of another protocol (a different config, in
+    anything but :data:`NOT_COMPARED`, or another number of processes): its curve would be reported as this one's.
+    Stricter than a resumed run's own check, which lets ``train.max_steps`` or ``train.probe`` change."""
+    out = run_dir(args, shape, arm, seed)
+    if not (out / "config.yaml").is_file():
+        return
+    expected = config_to_dict(load_config(args.config, arm_overrides(args, shape, arm, seed)))
+    problems = config_differences(yaml.safe_load((out / "config.yaml").read_text()) or {}, expected, NOT_COMPARED)
+    start = next((r for r in records(out) if r["split"] == "run" and r.get("event") == "start"), None)
+    if start is not None and start.get("world_size", 1) != ARMS[arm][0]:
+        problems.append(f"processes: {start.get('world_size', 1)} -> {ARMS[arm][0]}")
+    if problems:
+        raise ProtocolError(f"{out} holds a run of another protocol than {shape} {arm} seed {seed} asks for "
+                            "(saved -> asked):\n  " + "\n  ".join(problems) + "\npass another --out-runs, or move "
+                            "that directory aside to train this arm afresh")
+
+
 def run_arm(args, shape: str, arm: str, seed: int) -> Path:
     """Train one arm (unless its final evaluation is already there); returns its output directory."""
-    out = args.out_runs / shape / f"{arm}-seed{seed}"
+    out = run_dir(args, shape, arm, seed)
     if final_eval(out, args.steps) is not None:
         return out
-    processes, threads, overrides = ARMS[arm]
-    overrides = [f"output_dir={out}", f"train.seed={seed}", f"train.max_steps={args.steps}",
-                 f"train.eval_every={args.eval_every}", f"train.log_every={args.eval_every}",
-                 f"train.eval_batches={args.eval_batches}", f"train.micro_batch_size={args.batch}",
-                 "train.grad_accum=1", f"train.save_every={args.eval_every}", "log.tensorboard=false",
-                 *SHAPES[shape], *(o.format(switch=max(1, round(args.switch_at * args.steps)), half=args.batch // 2,
-                                            eval2=2 * args.eval_batches) for o in overrides), *args.override]
-    script = [str(ROOT / "scripts" / "pretrain.py"), str(args.config), *overrides]
+    processes, threads, _ = ARMS[arm]
+    script = [str(ROOT / "scripts" / "pretrain.py"), str(args.config), *arm_overrides(args, shape, arm, seed)]
     if processes > 1:  # --standalone: a local rendezvous on a free port
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                *script]
@@ -216,6 +254,10 @@ def suite_quality(args) -> dict:
         "eval_batches": args.eval_batches, "seeds": args.seeds, "overrides": args.override,
         "arms": {a: {"processes": ARMS[a][0], "threads": ARMS[a][1], "overrides": ARMS[a][2]} for a in args.arms}},
         "shapes": {}}
+    for shape in args.shapes:  # every existing directory checked before the first arm trains
+        for arm in args.arms:
+            for seed in args.seeds:
+                check_existing(args, shape, arm, seed)
     for shape in args.shapes:
         per_arm = {}
         for arm in args.arms:
