@@ -142,6 +142,7 @@ def test_quality_suite_trains_every_arm_and_reports_curves(benchmark, tmp_path, 
                                                                              set()]
     assert all(g == 1.0 for g in summary["backprop-2threads"]["G_tokens"].values())
     assert all(g == 0.0 for g in summary["frozen-lower-K2"]["G_tokens"].values())
+    assert result["shapes"]["h128-L4"]["seeds"]["0"] == {"curves": curves, "summary": summary}  # one seed: the mean
     assert summary["backprop-2threads"]["time_to_backprop_final_s"] == pytest.approx(curves["backprop-2threads"]
                                                                                      ["wall_s"][-1])
     assert benchmark.main(argv) == 0, "a second call reads the finished runs"

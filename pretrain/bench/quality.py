@@ -9,7 +9,8 @@ frozen-random lower chunk (the control). Every arm evaluates the same fixed vali
 
 Wall clock of an evaluation at step s = time of step s's train record − the run's start record − the time spent in
 the evaluations before s (so evaluation cost is not charged to training; data preparation happens before the start
-record). Reported per shape, averaged over seeds:
+record). Reported per shape, for the seed-averaged curves (``curves``, ``summary``) and for each seed alone
+(``seeds``: its curves and summary, so the spread between seeds is in the file):
 
 * G at equal tokens: G(s) = (L_frozen(s) − L(s)) / (L_frozen(s) − L_backprop(s)) at every evaluation step (the
   fraction of the frozen→backprop gap an arm closes; backprop = the 2-thread arm);
@@ -259,13 +260,16 @@ def suite_quality(args) -> dict:
             for seed in args.seeds:
                 check_existing(args, shape, arm, seed)
     for shape in args.shapes:
-        per_arm = {}
+        per_arm, per_seed = {}, {seed: {} for seed in args.seeds}
         for arm in args.arms:
-            runs = [run_arm(args, shape, arm, seed) for seed in args.seeds]
-            per_arm[arm] = mean_curve([curve(r) for r in runs])
+            for seed in args.seeds:
+                per_seed[seed][arm] = curve(run_arm(args, shape, arm, seed))
+            per_arm[arm] = mean_curve([per_seed[seed][arm] for seed in args.seeds])
             print(json.dumps({"shape": shape, "arm": arm, "final_loss": per_arm[arm]["loss"][-1],
                               "wall_s": round(per_arm[arm]["wall_s"][-1], 1)}), flush=True)
-        results["shapes"][shape] = {"curves": per_arm, "summary": summarise(per_arm)}
+        results["shapes"][shape] = {"curves": per_arm, "summary": summarise(per_arm),
+                                    "seeds": {str(seed): {"curves": c, "summary": summarise(c)}
+                                              for seed, c in per_seed.items()}}
     out = args.out or default_out("quality")
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(results, out.with_suffix(".png"))
