@@ -154,6 +154,27 @@ def test_quality_suite_trains_every_arm_and_reports_curves(benchmark, tmp_path, 
     assert "--out-runs" in err and {p: p.read_bytes() for p in metrics} == metrics
 
 
+@pytest.mark.parametrize("shape", ["h128-L4", "h256-L8"])
+def test_every_quality_arm_is_a_valid_run_config(shape, tmp_path):
+    """Each arm's overrides (formatted as the suite does) make a config that validates, with the arm's processes."""
+    import argparse
+
+    from pretrain.bench.quality import ARMS, arm_overrides
+    from pretrain.config import load_config
+
+    args = argparse.Namespace(out_runs=tmp_path, steps=2000, eval_every=100, eval_batches=16, batch=32,
+                              switch_at=0.75, override=[])
+    for arm, (processes, _, _) in ARMS.items():
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", arm_overrides(args, shape, arm, 1))
+        assert cfg.train.seed == 1 and cfg.train.max_steps == 2000 and cfg.output_dir == str(tmp_path / shape /
+                                                                                               f"{arm}-seed1")
+        assert (cfg.decouple.mode == "none") == (processes == 1) and cfg.decouple.chunks in (1, processes)
+        assert cfg.decouple.until_step == (1500 if arm.endswith("then-backprop") else None)
+        assert cfg.train.micro_batch_size * cfg.train.grad_accum == 32, arm  # the same global batch for every arm
+    layerhead = load_config(ROOT / "configs" / "tiny.yaml", arm_overrides(args, shape, "local-K2-layerhead", 0))
+    assert layerhead.decouple.aux_head == "layer"
+
+
 def test_quality_curves_charge_no_evaluation_time_to_training(tmp_path):
     from pretrain.bench.quality import curve, gap_closed, time_to_reach
 

@@ -2,7 +2,9 @@
 the decoupled arms, on the same data, seed and global batch, each arm a real run of ``scripts/pretrain.py``.
 
 Arms (``ARMS``: processes × threads each, overrides): backprop on 1 process with 2 threads and with 1 thread; on 2
-processes × 1 thread (``torchrun``, gloo): local updates K = 2, with one overlapping layer, local then backprop
+processes × 1 thread (``torchrun``, gloo): local updates K = 2, with one overlapping layer, with a deeper auxiliary
+head (one transformer layer before chunk 0's decoder: a remedy from related work, Belilovsky et al. 2019, labelled
+as such), local then backprop
 (switching at ``--switch-at`` of the steps), the shipped synthetic-gradient setting and its hybrid, and the
 frozen-random lower chunk (the control). Every arm evaluates the same fixed validation blocks every
 ``--eval-every`` steps.
@@ -54,6 +56,10 @@ ARMS = {
     "backprop-1thread": (1, 1, ["decouple.mode=none", "decouple.chunks=1"]),
     "local-K2": (2, 1, LOCAL),
     "local-K2-overlap1": (2, 1, [*LOCAL, "decouple.overlap=1"]),
+    # not in Laskin et al.: a deeper auxiliary problem, the remedy of Belilovsky et al. 2019 ("Greedy layerwise
+    # learning can scale to ImageNet": 2- and 3-hidden-layer auxiliary networks close more of the gap to end to end
+    # than 1-hidden-layer ones); here one extra transformer layer before chunk 0's MLM decoder
+    "local-K2-layerhead": (2, 1, [*LOCAL, "decouple.aux_head=layer"]),
     "local-K2-then-backprop": (2, 1, [*LOCAL, "decouple.until_step={switch}"]),
     "synthetic-K2": (2, 1, SHIPPED_SG),
     "synthetic-K2-then-backprop": (2, 1, [*SHIPPED_SG, "decouple.until_step={switch}"]),
