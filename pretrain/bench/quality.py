@@ -241,9 +241,13 @@ def plot(results: dict, path: Path) -> None:
     shapes = list(results["shapes"])
     fig, axes = plt.subplots(len(shapes), 2, figsize=(11, 3.8 * len(shapes)), squeeze=False)
     for row, shape in zip(axes, shapes):
+        seeds = results["shapes"][shape].get("seeds", {})
         for i, (arm, c) in enumerate(results["shapes"][shape]["curves"].items()):
             for ax, x in zip(row, ("tokens", "wall_s")):
-                ax.plot(c[x], c["loss"], color=f"C{i}", marker="o", ms=2, lw=1.2, label=arm)
+                ax.plot(c[x], c["loss"], color=f"C{i}", marker="o", ms=2, lw=1.2,
+                        label=arm if len(seeds) < 2 else f"{arm} (mean of {len(seeds)} seeds)")
+                for one in (seeds.values() if len(seeds) > 1 else ()):  # each seed thin, behind the mean
+                    ax.plot(one["curves"][arm][x], one["curves"][arm]["loss"], color=f"C{i}", lw=0.6, alpha=0.45)
         for ax, label in zip(row, ("training tokens", "training wall clock (s)")):
             ax.set_title(f"{shape}: held-out MLM loss")
             ax.set_xlabel(label)
